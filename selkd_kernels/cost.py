@@ -1,0 +1,175 @@
+"""Ground-cost construction between a teacher's and a student's class sets (paper 1, Sec. 4.1,
+Eq. 6-8; ablations of Table 8; SPEC §4).
+
+* Student class centres: the mean teacher embedding of each student class (Eq. 6),
+  :func:`class_centers`.
+* Teacher class centres: stored centres when available, otherwise the teacher classifier's weight
+  vectors, L2-normalised (Eq. 8), :func:`teacher_class_centers`.
+* ``M_mn = ||e_T,m - e_S,n||_2`` (Eq. 7), :func:`euclidean_cost`, optionally normalised.
+* Table 8 ablations: :func:`constant_cost` (I), :func:`random_embedding_cost` (II),
+  :func:`superclass_cost` (III).
+
+Every cost has shape (C_T, C_S): rows are teacher classes (the Sinkhorn source), columns student
+classes (the target).
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from . import _validation as V
+
+_NORMALISATIONS = {None, "max", "mean", "median"}
+
+
+def _check_labels(name, labels, n, num_classes, device):
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of class indices")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices, got {labels.dtype}")
+    if labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but features has {n} rows")
+    if labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but features is on {device}")
+    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
+        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in "
+                         f"[{int(labels.min())}, {int(labels.max())}]")
+
+
+def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Mean feature of each class (paper 1, Eq. 6): ``e_n = mean_{i: y_i = n} phi(x_i)``.
+
+    Args:
+        features: (N, d) embeddings, e.g. the teacher's ``phi_T(x)`` on the student's training set.
+        labels: (N,) integer class indices in ``[0, num_classes)``.
+        num_classes: number of classes C.
+
+    Returns: (C, d) centres in the features' dtype. A class without samples raises ValueError.
+    """
+    V.check_tensor("features", features, (2,))
+    num_classes = V.check_positive_int("num_classes", num_classes)
+    _check_labels("labels", labels, features.shape[0], num_classes, features.device)
+    acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
+    sums = torch.zeros(num_classes, features.shape[1], dtype=acc_dtype, device=features.device)
+    sums.index_add_(0, labels.long(), features.to(acc_dtype))
+    counts = torch.bincount(labels.long(), minlength=num_classes)
+    empty = (counts == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"labels has no sample of class(es) {empty[:10]}; every class needs at "
+                         f"least one sample to define its centre")
+    return (sums / counts.unsqueeze(1).to(acc_dtype)).to(features.dtype)
+
+
+def teacher_class_centers(classifier_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Teacher class centres from its linear classifier (paper 1, Eq. 8).
+
+    Args:
+        classifier_weight: (C_T, d), one row per class, as ``torch.nn.Linear.weight`` stores it
+            (the paper's ``W_T`` is the transpose: pass ``W_T.T``).
+        normalize: L2-normalise each row (Eq. 8's ``norm``).
+    """
+    V.check_tensor("classifier_weight", classifier_weight, (2,))
+    w = classifier_weight.detach()
+    if not normalize:
+        return w.clone()
+    norms = w.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError("classifier_weight has an all-zero row; it cannot be L2-normalised")
+    return w / norms
+
+
+def normalize_cost(cost: torch.Tensor, mode: Optional[str] = "max") -> torch.Tensor:
+    """Divide the cost by its max, mean or median (``mode=None`` returns it unchanged).
+
+    Scaling M by ``c`` is the same problem as scaling eps by ``1/c``; normalising makes eps
+    comparable across teachers and keeps the standard-domain iteration usable.
+    """
+    V.check_choice("mode", mode, _NORMALISATIONS)
+    if mode is None:
+        return cost
+    scale = {"max": cost.amax, "mean": cost.mean, "median": cost.median}[mode]()
+    if not bool(scale > 0):
+        raise ValueError(f"cost has {mode} {float(scale)} <= 0; cannot normalise by it")
+    return cost / scale
+
+
+def euclidean_cost(teacher_centers: torch.Tensor, student_centers: torch.Tensor,
+                   normalize: Optional[str] = None) -> torch.Tensor:
+    """``M_mn = ||e_T,m - e_S,n||_2`` (paper 1, Eq. 7), shape (C_T, C_S).
+
+    Computed by differences, not the ``|x|^2 + |y|^2 - 2 x.y`` expansion, so equal centres give
+    exactly 0. ``normalize``: None, "max", "mean" or "median" (see :func:`normalize_cost`).
+    """
+    V.check_tensor("teacher_centers", teacher_centers, (2,))
+    V.check_tensor("student_centers", student_centers, (2,))
+    V.check_same_device(teacher_centers=teacher_centers, student_centers=student_centers)
+    if teacher_centers.shape[1] != student_centers.shape[1]:
+        raise ValueError(f"student_centers has dimension {student_centers.shape[1]} but "
+                         f"teacher_centers has {teacher_centers.shape[1]}; both must live in the "
+                         f"teacher's embedding space")
+    V.check_choice("normalize", normalize, _NORMALISATIONS)
+    dtype = torch.promote_types(teacher_centers.dtype, student_centers.dtype)
+    cost = torch.cdist(teacher_centers.to(dtype), student_centers.to(dtype),
+                       compute_mode="donot_use_mm_for_euclid_dist")
+    return normalize_cost(cost, normalize)
+
+
+def _ids(name, ids):
+    t = torch.as_tensor(ids)
+    if t.dim() != 1 or t.numel() == 0 or t.dtype.is_floating_point:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of integer ids")
+    return t.long()
+
+
+def constant_cost(teacher_class_ids: Sequence[int], student_class_ids: Sequence[int],
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Table 8, I: ``M_mn = 0`` when teacher class m and student class n are the same class
+    (same global id), 1 otherwise."""
+    t = _ids("teacher_class_ids", teacher_class_ids)
+    s = _ids("student_class_ids", student_class_ids)
+    return (t[:, None] != s[None, :]).to(dtype)
+
+
+def superclass_cost(teacher_superclass: Sequence[int], student_superclass: Sequence[int],
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Table 8, III: ``M_mn = 0`` when classes m and n share a super-class, 1 otherwise.
+
+    Args: the super-class id of each teacher class and of each student class."""
+    t = _ids("teacher_superclass", teacher_superclass)
+    s = _ids("student_superclass", student_superclass)
+    return (t[:, None] != s[None, :]).to(dtype)
+
+
+def random_embedding_cost(teacher_inputs: torch.Tensor, teacher_labels: torch.Tensor,
+                          num_teacher_classes: int, student_inputs: torch.Tensor,
+                          student_labels: torch.Tensor, num_student_classes: int, *,
+                          embed: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                          dim: int = 64, seed: int = 0,
+                          normalize: Optional[str] = None) -> torch.Tensor:
+    """Table 8, II: Euclidean cost between class centres computed by a randomly initialised
+    embedding network instead of the teacher's.
+
+    ``embed`` is that network (any callable on a batch of inputs); by default a two-layer ReLU
+    network with Gaussian weights drawn from ``seed`` on the flattened inputs, output size ``dim``.
+    Teacher centres are the embedded means of the teacher's classes, student centres those of the
+    student's classes (Eq. 6 on both sides).
+    """
+    V.check_tensor("teacher_inputs", teacher_inputs, (2, 3, 4))
+    V.check_tensor("student_inputs", student_inputs, (2, 3, 4))
+    if embed is None:
+        d_in = teacher_inputs[0].numel()
+        if student_inputs[0].numel() != d_in:
+            raise ValueError("student_inputs must have the same per-sample size as teacher_inputs")
+        g = torch.Generator().manual_seed(seed)
+        w1 = (torch.randn(d_in, 2 * dim, generator=g) / d_in ** 0.5)
+        w2 = (torch.randn(2 * dim, dim, generator=g) / (2 * dim) ** 0.5)
+
+        def embed(x):
+            x = x.flatten(1).to(w1.dtype)
+            return torch.relu(x @ w1.to(x.device)) @ w2.to(x.device)
+
+    with torch.no_grad():
+        e_t = class_centers(embed(teacher_inputs), teacher_labels, num_teacher_classes)
+        e_s = class_centers(embed(student_inputs), student_labels, num_student_classes)
+    return euclidean_cost(e_t, e_s, normalize=normalize)

@@ -1,0 +1,189 @@
+r"""Sinkhorn knowledge-distillation loss (paper 1, Eq. 10-12; SPEC §3, §5).
+
+For each row, ``p_T = softmax(z_T / tau)`` over the teacher's C_T classes, ``p_S = softmax(z_S / tau)``
+over the student's C_S classes and the loss is the Sinkhorn distance ``S_eps(p_T, p_S)`` with the
+(C_T, C_S) cost ``M`` (teacher = source ``a``, student = target ``b``).
+
+Gradients (envelope theorem, paper 1 Prop. 4.2 / Eq. 14-15, SPEC §3), from the converged potentials::
+
+    dS/dz_S = (beta  - <beta,  p_S>) * p_S / tau
+    dS/dz_T = (alpha - <alpha, p_T>) * p_T / tau
+    dS/dM   = T = exp((alpha_i + beta_j - M_ij) / eps)
+
+The backend's fused forward returns the loss together with the logit gradients; backward only
+scales them by the incoming gradient, so memory does not grow with the iteration count. With
+``grad="unrolled"`` the reference iterations are differentiated by autograd instead (for comparison:
+exact for the truncated iteration, memory linear in ``n_iters``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from . import _validation as V
+from . import sinkhorn_reference as _ref
+from .backends import get_backend
+
+_REDUCTIONS = {"mean", "sum", "none"}
+
+
+class SinkhornKDFunction(torch.autograd.Function):
+    """Loss rows from the backend's fused forward; backward scales the stored envelope gradients."""
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, cost, backend, tau, eps, n_iters, tol,
+                check_every, method):
+        want_teacher = ctx.needs_input_grad[1]
+        want_cost = ctx.needs_input_grad[2]
+        out = backend.kd_forward(student_logits, teacher_logits, cost, tau=tau, eps=eps,
+                                 n_iters=n_iters, tol=tol, check_every=check_every,
+                                 teacher_grad=want_teacher, method=method)
+        ctx.eps = eps
+        ctx.shared_cost = cost.dim() == 2
+        ctx.dtypes = (student_logits.dtype, teacher_logits.dtype, cost.dtype)
+        saved = [out.grad_student,
+                 out.grad_teacher if want_teacher else None,
+                 out.alpha if want_cost else None,
+                 out.beta if want_cost else None,
+                 cost if want_cost else None]
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(out.iters, out.err)
+        return out.loss, out.iters, out.err
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_iters, _grad_err):
+        g_s, g_t, alpha, beta, cost = ctx.saved_tensors
+        w = grad_loss.to(g_s.dtype)  # (B,) per-row weights
+        grad_student = (g_s * w.unsqueeze(-1)).to(ctx.dtypes[0])
+        grad_teacher = None if g_t is None else (g_t * w.unsqueeze(-1)).to(ctx.dtypes[1])
+        grad_cost = None
+        if cost is not None:
+            c = cost.to(alpha.dtype)
+            if ctx.shared_cost:
+                grad_cost = _ref.plan_weighted_sum(alpha, beta, c, ctx.eps, w)
+            else:
+                grad_cost = _ref.transport_plan(alpha, beta, c, ctx.eps) * w[:, None, None]
+            grad_cost = grad_cost.to(ctx.dtypes[2])
+        return (grad_student, grad_teacher, grad_cost) + (None,) * 7
+
+
+def validate_kd_inputs(student_logits, teacher_logits, cost, tau, eps, n_iters, tol, check_every,
+                       reduction):
+    V.check_ot_shapes(teacher_logits, student_logits, cost, a_name="teacher_logits",
+                      b_name="student_logits", cost_name="cost")
+    return (V.check_positive("tau", tau), V.check_positive("eps", eps),
+            V.check_positive_int("n_iters", n_iters), V.check_optional_positive("tol", tol),
+            V.check_positive_int("check_every", check_every),
+            V.check_choice("reduction", reduction, _REDUCTIONS))
+
+
+def _reduce(rows, reduction):
+    if reduction == "mean":
+        return rows.mean()
+    if reduction == "sum":
+        return rows.sum()
+    return rows
+
+
+def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     cost: torch.Tensor, *, tau: float = 3.0, eps: float = 0.1,
+                     n_iters: int = 100, tol: Optional[float] = None, check_every: int = 10,
+                     reduction: str = "mean", backend: str = "auto", grad: str = "envelope",
+                     method: str = "auto", return_stats: bool = False):
+    r"""Sinkhorn distance between teacher and student temperature softmaxes (paper 1, Eq. 12).
+
+    Args:
+        student_logits: (B, C_S) student logits ``z_S``.
+        teacher_logits: (B, C_T) teacher logits ``z_T``; gets a gradient only if it requires one.
+        cost: (C_T, C_S) ground cost shared by the batch (see :mod:`selkd_kernels.cost`), or
+            (B, C_T, C_S) per row. Gets the gradient ``sum_i T_i`` if it requires one.
+        tau: softmax temperature (Eq. 10).
+        eps: entropic regularisation.
+        n_iters, tol, check_every, method: as in :func:`selkd_kernels.sinkhorn`.
+        reduction: "mean" (Eq. 11), "sum" or "none" (per-row losses).
+        backend: see :mod:`selkd_kernels.backends`.
+        grad: "envelope" (SPEC §3, the default) or "unrolled" (autograd through the reference
+            iterations; always runs the torch reference).
+        return_stats: also return ``(iters, err)`` per row.
+
+    The loss has the student logits' dtype; computation is in float32 (float64 for float64 input).
+    """
+    tau, eps, n_iters, tol, check_every, reduction = validate_kd_inputs(
+        student_logits, teacher_logits, cost, tau, eps, n_iters, tol, check_every, reduction)
+    V.check_choice("grad", grad, {"envelope", "unrolled"})
+    V.check_choice("method", method, {"auto", "log", "standard"})
+    if grad == "unrolled":
+        cd = V.compute_dtype(student_logits, teacher_logits, cost)
+        p_t = torch.softmax(teacher_logits.to(cd) / tau, dim=-1)
+        p_s = torch.softmax(student_logits.to(cd) / tau, dim=-1)
+        out = _ref.solve(p_t, p_s, cost.to(cd), eps=eps, n_iters=n_iters, tol=tol,
+                         check_every=check_every, method=method)
+        rows, iters, err = out.loss, out.iters, out.err.detach()
+    else:
+        be = get_backend(backend, student_logits.device)
+        rows, iters, err = SinkhornKDFunction.apply(student_logits, teacher_logits, cost, be, tau,
+                                                    eps, n_iters, tol, check_every, method)
+    loss = _reduce(rows, reduction).to(student_logits.dtype)
+    return (loss, (iters, err)) if return_stats else loss
+
+
+class SinkhornKDLoss(torch.nn.Module):
+    r"""Cross-task distillation objective (paper 1, Eq. 11)::
+
+        L = CE(y, z_S) + weight * mean_i S_eps(softmax(z_T,i / tau), softmax(z_S,i / tau))
+
+    Paper defaults: ``tau=3``, ``eps=0.1``, ``weight`` 10 (CIFAR-100) or 100 (CUB). Works unchanged
+    when teacher and student share classes (then use e.g. :func:`selkd_kernels.cost.constant_cost`
+    or the Euclidean cost of the shared class centres).
+
+    Args:
+        cost: (C_T, C_S) cost matrix; stored as a buffer (moves with ``.to(device)``).
+        tau, eps, weight, n_iters, tol, check_every, backend, grad: see :func:`sinkhorn_kd_loss`.
+
+    ``forward(student_logits, teacher_logits, target=None)`` returns ``weight * S`` (mean over the
+    batch), plus ``cross_entropy(student_logits, target)`` when ``target`` is given. The last call's
+    per-row iterations and marginal errors are kept in ``last_iters`` / ``last_err``.
+    """
+
+    def __init__(self, cost: torch.Tensor, tau: float = 3.0, eps: float = 0.1,
+                 weight: float = 10.0, n_iters: int = 100, tol: Optional[float] = None,
+                 check_every: int = 10, backend: str = "auto", grad: str = "envelope"):
+        super().__init__()
+        V.check_tensor("cost", cost, (2,))
+        self.tau = V.check_positive("tau", tau)
+        self.eps = V.check_positive("eps", eps)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
+            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+        self.weight = float(weight)
+        self.n_iters = V.check_positive_int("n_iters", n_iters)
+        self.tol = V.check_optional_positive("tol", tol)
+        self.check_every = V.check_positive_int("check_every", check_every)
+        self.backend = backend
+        self.grad = V.check_choice("grad", grad, {"envelope", "unrolled"})
+        self.register_buffer("cost", cost.detach().clone())
+        self.last_iters: Optional[torch.Tensor] = None
+        self.last_err: Optional[torch.Tensor] = None
+
+    def forward(self, student_logits, teacher_logits, target=None):
+        s, (iters, err) = sinkhorn_kd_loss(
+            student_logits, teacher_logits, self.cost, tau=self.tau, eps=self.eps,
+            n_iters=self.n_iters, tol=self.tol, check_every=self.check_every, reduction="mean",
+            backend=self.backend, grad=self.grad, return_stats=True)
+        self.last_iters, self.last_err = iters, err
+        loss = self.weight * s
+        if target is not None:
+            if not isinstance(target, torch.Tensor) or target.dim() != 1 or \
+                    target.shape[0] != student_logits.shape[0]:
+                raise ValueError(f"target must be a 1-D tensor of {student_logits.shape[0]} class "
+                                 f"indices, got {getattr(target, 'shape', type(target))}")
+            if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
+                raise ValueError(f"target must hold integer class indices, got {target.dtype}")
+            loss = loss + F.cross_entropy(student_logits, target.long())
+        return loss
+
+    def extra_repr(self):
+        C_T, C_S = self.cost.shape
+        return (f"C_T={C_T}, C_S={C_S}, tau={self.tau}, eps={self.eps}, weight={self.weight}, "
+                f"n_iters={self.n_iters}, tol={self.tol}, backend={self.backend!r}")
