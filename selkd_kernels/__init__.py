@@ -22,3 +22,30 @@ __all__ = [
     "random_embedding_cost", "superclass_cost", "teacher_class_centers", "SinkhornKDLoss",
     "sinkhorn_kd_loss", "SinkhornResult", "sinkhorn", "transport_plan", "__version__",
 ]
+
+# Selective KD (paper 2): partial-OT coupling, closed/open-set losses, prediction, metrics
+from .partial_ot import available_partial_ot_backends, partial_ot  # noqa: E402
+from .selkd_loss import (SelKDLoss, SelKDPrediction, auroc, closed_set_selkd_loss,  # noqa: E402
+                         local_labels, open_set_selkd_loss, open_set_teacher_logits, selkd_loss,
+                         selkd_metrics, selkd_predict)
+
+__all__ += [
+    "available_partial_ot_backends", "partial_ot", "SelKDLoss", "SelKDPrediction", "auroc",
+    "closed_set_selkd_loss", "local_labels", "open_set_selkd_loss", "open_set_teacher_logits",
+    "selkd_loss", "selkd_metrics", "selkd_predict",
+]
+
+# teacher assessment, transferability baselines, multi-teacher distillation (issue 5)
+from .assessment import (AssessmentResult, TeacherOutputs, assess_teachers, fit_linear_probe,
+                         teacher_cost)
+from .metrics import (h_score, kendall, leep, logme, nce, pearson, ranking_quality, top1_regret,
+                      weighted_kendall)
+from .multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
+                            multi_teacher_sinkhorn_kd_loss)
+
+__all__ += [
+    "AssessmentResult", "TeacherOutputs", "assess_teachers", "fit_linear_probe", "teacher_cost",
+    "h_score", "kendall", "leep", "logme", "nce", "pearson", "ranking_quality", "top1_regret",
+    "weighted_kendall", "MultiTeacherSinkhornKDLoss", "assessment_weights",
+    "multi_teacher_sinkhorn_kd_loss",
+]

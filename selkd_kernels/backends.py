@@ -10,13 +10,16 @@ A backend is an object with
 
 with the semantics of :mod:`selkd_kernels.sinkhorn_reference` (same iteration order, same stopping
 schedule, same outputs). Inputs arrive validated; ``student_logits`` already carries the compute
-dtype for the reference, compiled backends may accept half inputs directly. ``method`` is a hint
-that only the reference honours.
+dtype for the reference, compiled backends may accept half inputs directly. ``method`` is a hint:
+the reference and the cpp backend honour it (it selects the standard-domain or the log-domain /
+stabilised iteration), other backends may ignore it.
 
 Compiled backends live in their own modules and are imported lazily; a module that fails to
 import (extension not built, Triton missing) makes that backend unavailable, nothing more.
 ``backend="auto"`` takes the first available entry of :data:`AUTO_ORDER` for the device; the
-environment variable ``SELKD_BACKEND`` overrides ``"auto"``.
+environment variable ``SELKD_BACKEND`` overrides ``"auto"``. The backends "auto" can pick on this
+machine are imported with the package (see :func:`_preload`), so that resolving a backend inside a
+``torch.compile``'d function is a dictionary lookup and not an import (a graph break).
 """
 from __future__ import annotations
 
@@ -134,3 +137,17 @@ def get_backend(name: str, device: torch.device):
     if not be.supports(device):
         raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here")
     return be
+
+
+def _preload() -> None:
+    """Import, when the package is imported, the compiled backends that "auto" can pick on this
+    machine. Importing a module inside a ``torch.compile``'d function is a graph break, so by the
+    time a traced training step resolves its backend this must be a dictionary lookup."""
+    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for kind in kinds:
+        for name in AUTO_ORDER[kind]:
+            if name != "torch":
+                _load(name)
+
+
+_preload()

@@ -1,0 +1,881 @@
+// C++ CPU backend of the batched entropic OT solve and the fused Sinkhorn KD forward
+// (SPEC §2, §3, §9). The pure-PyTorch reference (selkd_kernels/sinkhorn_reference.py) defines the
+// semantics; this file must reproduce its iterates, stopping schedule and outputs.
+//
+// Problem, per row (paper 1, Eq. 5 / 12), entropy convention H(T) = -sum T (log T - 1):
+//     S_eps(a, b) = min_{T >= 0, T 1 = a, T^T 1 = b} <T, M> - eps H(T)
+// Dual (Eq. 13): max <alpha, a> + <beta, b> - eps sum_ij exp((alpha_i + beta_j - M_ij) / eps),
+// optimal plan T = diag(u) K diag(v), K = exp(-M / eps), alpha = eps log u, beta = eps log v.
+// One iteration (Alg. 3, Eq. 20) from u = v = 1: u <- a / (K v), then v <- b / (K^T u).
+// Reported loss: the primal value of the plan after the last v-update,
+//     <alpha, r> + <beta, b> - eps sum(r),   r = u * (K v)   (row sums of T),
+// with zero-mass entries contributing nothing. Envelope gradients (Prop. 4.2):
+//     dS/dz_S = (beta - <beta, p_S>) p_S / tau,   dS/dz_T = (alpha - <alpha, p_T>) p_T / tau.
+//
+// Two code paths, chosen like the reference's method="auto" (or forced by `method`); float32
+// input whose cost range fits float64's standard domain but not float32's runs the first path in
+// float64:
+//  * shared cost and (max M - min M) / eps small for the dtype: the plain scaling iteration on
+//    K = exp(-(M - min M) / eps), computed once, min M given back to alpha. A block of rows (one
+//    per SIMD lane) is pushed through K together, so each K entry loaded from cache feeds a few
+//    vectors of FMAs: register-tiled small GEMMs instead of one matrix-vector product per row.
+//  * otherwise (large range, or one cost per row), per row, Schmitzer's stabilised scaling:
+//    potentials f, g (units of eps) are kept apart from scalings u, v, and the row's kernel
+//    Kt_ij = exp(f_i + g_j - M_ij / eps) is stored. Iterations are matrix-vector products with Kt;
+//    whenever a new scaling would leave [1/thr, thr] (thr = 1e10 in float32, 1e100 in float64;
+//    this also catches an underflowed denominator), the scalings are absorbed into the potentials
+//    and that half-step is done exactly in the log domain, which rebuilds Kt with one pass of
+//    exponentials. Entries of Kt below the smallest normal number are flushed to zero; with the
+//    scalings bounded by thr the mass they could carry stays below ~1e-18 (float32) per entry.
+// Both paths produce the reference's iterates up to rounding, so iteration counts under a
+// tolerance agree with it.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace selkd {
+namespace {
+
+// The hot loops are compiled for several x86 ISA levels and picked at load time, so one wheel runs
+// everywhere and still uses 256-bit FMA where the CPU has it. Helpers are force-inlined into the
+// multiversioned entry points so that they inherit each clone's target.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
+    !defined(SELKD_NO_MULTIVERSION)
+#define SELKD_CLONES __attribute__((target_clones("default", "fma", "arch=haswell")))
+#else
+#define SELKD_CLONES
+#endif
+#if defined(__GNUC__)
+#define SELKD_INLINE inline __attribute__((always_inline))
+#else
+#define SELKD_INLINE inline
+#endif
+#if defined(_OPENMP) || defined(__clang__)
+#define SELKD_PRAGMA(x) _Pragma(#x)
+#else
+#define SELKD_PRAGMA(x)
+#endif
+#define SELKD_SIMD SELKD_PRAGMA(omp simd)
+#define SELKD_SIMD_SUM(v) SELKD_PRAGMA(omp simd reduction(+ : v))
+#define SELKD_SIMD_MAX(v) SELKD_PRAGMA(omp simd reduction(max : v))
+
+// ---------------------------------------------------------------------------------------------
+// exp that the compiler can vectorise (libm's is a call per element). Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2/2, Taylor polynomial for exp(r) (truncation below 1 ulp), 2^n built
+// in the exponent bits. Inputs below `lo` return exactly 0 instead of a subnormal: subnormals are
+// slow in the matrix-vector products and carry no usable mass (see the header comment).
+template <typename T> struct ExpTraits;
+template <> struct ExpTraits<float> {
+  using Bits = uint32_t;
+  static constexpr float lo = -86.5f, hi = 88.5f;
+  static constexpr float log2e = 1.44269504088896341f;
+  static constexpr float ln2_hi = 0.693359375f, ln2_lo = -2.12194440e-4f;
+  static constexpr float shifter = 12582912.0f;  // 1.5 * 2^23: rounds to an integer in the mantissa
+  static constexpr int mant = 23;
+  static constexpr Bits bias = 127;
+};
+template <> struct ExpTraits<double> {
+  using Bits = uint64_t;
+  static constexpr double lo = -707.0, hi = 709.5;
+  static constexpr double log2e = 1.4426950408889634;
+  static constexpr double ln2_hi = 0.6931471803691238, ln2_lo = 1.9082149292705877e-10;
+  static constexpr double shifter = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr int mant = 52;
+  static constexpr Bits bias = 1023;
+};
+
+template <typename T> SELKD_INLINE T exp_poly(T r);
+template <> SELKD_INLINE float exp_poly<float>(float r) {
+  // degree 7: remainder 0.347^8/8! ~ 5e-9 relative, under float's half ulp
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  return p * r + 1.0f;
+}
+template <> SELKD_INLINE double exp_poly<double>(double r) {
+  // degree 13: remainder 0.347^14/14! ~ 4e-18 relative
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  return p * r + 1.0;
+}
+
+// memcpy-based punning blocks GCC's vectoriser (it becomes a memset/memcpy pair); the builtin
+// does not.
+template <typename To, typename From> SELKD_INLINE To bit_cast(const From& x) {
+#if defined(__GNUC__) && (defined(__clang__) || __GNUC__ >= 11)
+  return __builtin_bit_cast(To, x);
+#else
+  To y;
+  std::memcpy(&y, &x, sizeof(To));
+  return y;
+#endif
+}
+
+template <typename T> SELKD_INLINE T fast_exp(T x) {
+  using E = ExpTraits<T>;
+  using Bits = typename E::Bits;
+  const T lo = E::lo, hi = E::hi;
+  // comparisons are false for NaN, so NaN flows through to p and the result
+  T xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  T kd = xc * E::log2e + E::shifter;
+  T nf = kd - E::shifter;
+  T r = xc - nf * E::ln2_hi;
+  r = r - nf * E::ln2_lo;
+  T p = exp_poly<T>(r);
+  const Bits bits = (bit_cast<Bits>(kd) << E::mant) + (E::bias << E::mant);
+  T y = p * bit_cast<T>(bits);
+  const T zero = 0, inf = std::numeric_limits<T>::infinity();
+  y = x < lo ? zero : y;
+  return x > hi ? inf : y;
+}
+
+// Scalings outside [1/thr, thr] trigger an absorption into the potentials (stabilised path).
+template <typename T> constexpr T scaling_threshold();
+template <> constexpr float scaling_threshold<float>() { return 1e10f; }
+template <> constexpr double scaling_threshold<double>() { return 1e100; }
+
+// (max M - min M) / eps up to which K = exp(-(M - min M)/eps) is used directly; must equal
+// sinkhorn_reference.STANDARD_DOMAIN_MAX_RANGE so both pick the same iteration.
+template <typename T> constexpr double standard_max_range();
+template <> constexpr double standard_max_range<float>() { return 25.0; }
+template <> constexpr double standard_max_range<double>() { return 200.0; }
+
+template <typename T> struct VecOf;
+template <> struct VecOf<float> {
+  typedef float type __attribute__((vector_size(32), may_alias));
+};
+template <> struct VecOf<double> {
+  typedef double type __attribute__((vector_size(32), may_alias));
+};
+
+}  // namespace
+
+namespace detail {
+
+// Everything one solve needs; pointers are to contiguous row-major buffers of the compute dtype.
+template <typename T> struct Problem {
+  const T* a;          // (B, m)
+  const T* b;          // (B, n)
+  const T* M;          // (m, n) shared or (B, m, n)
+  const uint8_t* bad;  // (B,) rows with a NaN or inf among their inputs
+  int64_t B, m, n;
+  bool shared;
+  T eps;
+  int64_t n_iters;
+  bool use_tol;
+  double tol;
+  int64_t check_every;
+  // shared-kernel path only
+  const T* K;   // (m, n) exp(-(M - shift)/eps)
+  const T* KT;  // (n, m) its transpose, so both products read K contiguously
+  T shift;      // min M, given back to alpha
+  // outputs
+  T* loss;
+  T* alpha;
+  T* beta;
+  int32_t* iters;
+  T* err;
+};
+
+// Potentials, loss and error of one row from its final scalings. `f` (units of eps) may be null,
+// then alpha = eps log u + shift as in the reference's standard-domain solve.
+template <typename T>
+SELKD_INLINE void finalize_row(const T* a, const T* b, int64_t m, int64_t n, T eps, const T* f,
+                               T shift, const T* u, const T* s, const T* g, const T* v, T* alpha,
+                               T* beta, T* loss, T* err) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  // double accumulators: the loss is a difference of sums of comparable size
+  double acc = 0.0, mass = 0.0, e = 0.0;
+  for (int64_t i = 0; i < m; ++i) {
+    const T r = u[i] * s[i];
+    T al = ninf;
+    if (a[i] > 0) {
+      al = f ? eps * (f[i] + std::log(u[i])) : eps * std::log(u[i]) + shift;
+      acc += static_cast<double>(al) * r;
+    }
+    alpha[i] = al;
+    mass += r;
+    e += std::abs(static_cast<double>(r) - a[i]);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    T be = ninf;
+    if (b[j] > 0) {
+      be = g ? eps * (g[j] + std::log(v[j])) : eps * std::log(v[j]);
+      acc += static_cast<double>(be) * b[j];
+    }
+    beta[j] = be;
+  }
+  *loss = static_cast<T>(acc - static_cast<double>(eps) * mass);
+  *err = static_cast<T>(e);
+}
+
+// ------------------------------------------------------------------ shared-kernel (blocked) path
+// A block of rows is solved together: every per-class quantity is stored as NV SIMD vectors
+// whose lanes are the block's rows, so the iteration becomes small GEMMs against the shared K.
+// Y[i] = sum_j K[i, j] X[j] for R output rows at a time: R x NV accumulators stay in registers
+// and every K entry, broadcast once, feeds NV fused multiply-adds (the 6 x 2-vector shape is the
+// usual register tile of 16-register SIMD units).
+template <typename T, typename V, int NV, int R>
+SELKD_INLINE void lanes_tile(const T* K, int64_t cols, const V* X, V* Y) {
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NV; ++q) acc[r][q] = V{};
+  for (int64_t j = 0; j < cols; ++j) {
+    V x[NV];
+    for (int q = 0; q < NV; ++q) x[q] = X[j * NV + q];
+    for (int r = 0; r < R; ++r) {
+      const T k = K[r * cols + j];
+      for (int q = 0; q < NV; ++q) acc[r][q] += k * x[q];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NV; ++q) Y[r * NV + q] = acc[r][q];
+}
+
+template <typename T, typename V, int NV>
+SELKD_INLINE void lanes_matmul(const T* K, int64_t rows, int64_t cols, const V* X, V* Y) {
+  constexpr int R = NV == 1 ? 8 : 6;
+  int64_t i = 0;
+  for (; i + R <= rows; i += R) lanes_tile<T, V, NV, R>(K + i * cols, cols, X, Y + i * NV);
+  for (; i + 2 <= rows; i += 2) lanes_tile<T, V, NV, 2>(K + i * cols, cols, X, Y + i * NV);
+  for (; i < rows; ++i) lanes_tile<T, V, NV, 1>(K + i * cols, cols, X, Y + i * NV);
+}
+
+// Solves rows [r0, r0 + nl) with NV vectors per quantity (nl <= NV * lanes per vector). `raw` is
+// scratch of at least blocked_scratch_size<T>(m, n) elements.
+template <typename T, int NV>
+SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
+  using V = typename VecOf<T>::type;
+  constexpr int VL = static_cast<int>(sizeof(V) / sizeof(T));
+  constexpr int L = NV * VL;
+  const int64_t m = P.m, n = P.n;
+  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + sizeof(V) - 1) &
+                                 ~(uintptr_t)(sizeof(V) - 1));
+  V* A = reinterpret_cast<V*>(base);
+  V* U = A + m * NV;
+  V* S = U + m * NV;
+  V* Bv = S + m * NV;
+  V* Vv = Bv + n * NV;
+  V* C = Vv + n * NV;
+  T* lu = reinterpret_cast<T*>(C + n * NV);
+  T* ls = lu + m;
+  T* lv = ls + m;
+  // element of lane l in the NV-vector pack number idx
+  auto at = [](V* arr, int64_t idx, int l) -> T& {
+    return reinterpret_cast<T*>(arr + idx * NV + l / VL)[l % VL];
+  };
+
+  // spare lanes of a short block replay row r0 and are never written back
+  for (int l = 0; l < L; ++l) {
+    const int64_t row = r0 + (l < nl ? l : 0);
+    const T* ar = P.a + row * m;
+    const T* br = P.b + row * n;
+    for (int64_t i = 0; i < m; ++i) at(A, i, l) = ar[i];
+    for (int64_t j = 0; j < n; ++j) at(Bv, j, l) = br[j];
+  }
+  bool done[L];
+  for (int l = 0; l < L; ++l) done[l] = l >= nl;
+  int left = nl;
+
+  auto emit = [&](int l, int32_t it) {
+    const int64_t row = r0 + l;
+    for (int64_t i = 0; i < m; ++i) { lu[i] = at(U, i, l); ls[i] = at(S, i, l); }
+    for (int64_t j = 0; j < n; ++j) lv[j] = at(Vv, j, l);
+    finalize_row<T>(P.a + row * m, P.b + row * n, m, n, P.eps, nullptr, P.shift, lu, ls, nullptr,
+                    lv, P.alpha + row * m, P.beta + row * n, P.loss + row, P.err + row);
+    P.iters[row] = it;
+  };
+
+  const V one = V{} + T(1);
+  for (int64_t j = 0; j < n * NV; ++j) Vv[j] = one;
+  lanes_matmul<T, V, NV>(P.K, m, n, Vv, S);
+  for (int64_t t = 1; t <= P.n_iters && left > 0; ++t) {
+    for (int64_t i = 0; i < m * NV; ++i) U[i] = A[i] / S[i];
+    lanes_matmul<T, V, NV>(P.KT, n, m, U, C);
+    for (int64_t j = 0; j < n * NV; ++j) Vv[j] = Bv[j] / C[j];
+    // S = K v serves both this iteration's error and the next u-update
+    lanes_matmul<T, V, NV>(P.K, m, n, Vv, S);
+    if (P.use_tol && (t % P.check_every == 0 || t == P.n_iters)) {
+      for (int l = 0; l < L; ++l) {
+        if (done[l]) continue;
+        double e = 0.0;
+        for (int64_t i = 0; i < m; ++i)
+          e += std::abs(static_cast<double>(at(U, i, l) * at(S, i, l)) - at(A, i, l));
+        // a NaN error never passes, as in the reference
+        if (e <= P.tol) {
+          emit(l, static_cast<int32_t>(t));
+          done[l] = true;
+          --left;
+        }
+      }
+    }
+  }
+  for (int l = 0; l < L; ++l)
+    if (!done[l]) emit(l, static_cast<int32_t>(P.n_iters));
+}
+
+template <typename T> constexpr int64_t block_rows() {
+  return 2 * static_cast<int64_t>(sizeof(typename VecOf<T>::type) / sizeof(T));
+}
+
+template <typename T> int64_t blocked_scratch_size(int64_t m, int64_t n) {
+  constexpr int64_t L = block_rows<T>();
+  return (3 * m + 3 * n) * L + 2 * m + n + 64;
+}
+
+// Blocks of block_rows<T>() rows; a block with at most half that many rows (the batch's tail)
+// runs with one vector per quantity so that small batches do not pay for empty lanes.
+template <typename T>
+SELKD_INLINE void blocked_worker_impl(const Problem<T>& P, int64_t blk_begin, int64_t blk_end) {
+  constexpr int64_t LB = block_rows<T>();
+  std::vector<T> raw(blocked_scratch_size<T>(P.m, P.n));
+  for (int64_t blk = blk_begin; blk < blk_end; ++blk) {
+    const int64_t r0 = blk * LB;
+    const int nl = static_cast<int>(std::min<int64_t>(LB, P.B - r0));
+    if (nl <= LB / 2)
+      solve_block<T, 1>(P, r0, nl, raw.data());
+    else
+      solve_block<T, 2>(P, r0, nl, raw.data());
+  }
+}
+
+// ------------------------------------------------------------------ per-row stabilised path
+// s_i = sum_j Kt_ij v_j, four rows at a time so v is loaded once per four FMAs.
+template <typename T>
+SELKD_INLINE void matvec_rows(const T* Kt, int64_t m, int64_t n, const T* v, T* s) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const T* k0 = Kt + i * n;
+    const T* k1 = k0 + n;
+    const T* k2 = k1 + n;
+    const T* k3 = k2 + n;
+    T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    SELKD_PRAGMA(omp simd reduction(+ : s0, s1, s2, s3))
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = v[j];
+      s0 += k0[j] * x;
+      s1 += k1[j] * x;
+      s2 += k2[j] * x;
+      s3 += k3[j] * x;
+    }
+    s[i] = s0; s[i + 1] = s1; s[i + 2] = s2; s[i + 3] = s3;
+  }
+  for (; i < m; ++i) {
+    const T* k0 = Kt + i * n;
+    T s0 = 0;
+    SELKD_SIMD_SUM(s0)
+    for (int64_t j = 0; j < n; ++j) s0 += k0[j] * v[j];
+    s[i] = s0;
+  }
+}
+
+// c_j = sum_i Kt_ij u_i, four rows per sweep over c.
+template <typename T>
+SELKD_INLINE void matvec_cols(const T* Kt, int64_t m, int64_t n, const T* u, T* c) {
+  for (int64_t j = 0; j < n; ++j) c[j] = 0;
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const T* k0 = Kt + i * n;
+    const T* k1 = k0 + n;
+    const T* k2 = k1 + n;
+    const T* k3 = k2 + n;
+    const T u0 = u[i], u1 = u[i + 1], u2 = u[i + 2], u3 = u[i + 3];
+    SELKD_SIMD
+    for (int64_t j = 0; j < n; ++j) c[j] += k0[j] * u0 + k1[j] * u1 + k2[j] * u2 + k3[j] * u3;
+  }
+  for (; i < m; ++i) {
+    const T* k0 = Kt + i * n;
+    const T u0 = u[i];
+    SELKD_SIMD
+    for (int64_t j = 0; j < n; ++j) c[j] += k0[j] * u0;
+  }
+}
+
+// Exact log-domain u-update f_i = log a_i - LSE_j(g_j - M_ij/eps) (scalings already absorbed);
+// rebuilds Kt_ij = exp(f_i + g_j - M_ij/eps), which is the normalised row of exponentials times
+// a_i, so only one pass of exponentials is needed.
+template <typename T>
+SELKD_INLINE void log_u_update(const T* a, const T* g, const T* M, int64_t m, int64_t n, T inv_eps,
+                               T* Kt, T* f) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t i = 0; i < m; ++i) {
+    T* k = Kt + i * n;
+    const T* Mi = M + i * n;
+    if (!(a[i] > 0)) {
+      f[i] = ninf;
+      for (int64_t j = 0; j < n; ++j) k[j] = 0;
+      continue;
+    }
+    T mx = ninf;
+    SELKD_SIMD_MAX(mx)
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = g[j] - Mi[j] * inv_eps;
+      mx = x > mx ? x : mx;
+    }
+    T sum = 0;
+    SELKD_SIMD_SUM(sum)
+    for (int64_t j = 0; j < n; ++j) {
+      const T e = fast_exp<T>(g[j] - Mi[j] * inv_eps - mx);
+      k[j] = e;
+      sum += e;
+    }
+    f[i] = std::log(a[i]) - mx - std::log(sum);
+    const T scale = a[i] / sum;
+    SELKD_SIMD
+    for (int64_t j = 0; j < n; ++j) k[j] *= scale;
+  }
+}
+
+// Exact log-domain v-update g_j = log b_j - LSE_i(f_i - M_ij/eps), column-wise over a row-major
+// Kt; colmax and colsum are length-n scratch.
+template <typename T>
+SELKD_INLINE void log_v_update(const T* b, const T* f, const T* M, int64_t m, int64_t n, T inv_eps,
+                               T* Kt, T* g, T* colmax, T* colsum) {
+  const T ninf = -std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; ++j) { colmax[j] = ninf; colsum[j] = 0; }
+  for (int64_t i = 0; i < m; ++i) {
+    if (f[i] == ninf) continue;
+    const T fi = f[i];
+    const T* Mi = M + i * n;
+    SELKD_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      const T x = fi - Mi[j] * inv_eps;
+      colmax[j] = x > colmax[j] ? x : colmax[j];
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    T* k = Kt + i * n;
+    if (f[i] == ninf) {
+      for (int64_t j = 0; j < n; ++j) k[j] = 0;
+      continue;
+    }
+    const T fi = f[i];
+    const T* Mi = M + i * n;
+    SELKD_SIMD
+    for (int64_t j = 0; j < n; ++j) {
+      const T e = fast_exp<T>(fi - Mi[j] * inv_eps - colmax[j]);
+      k[j] = e;
+      colsum[j] += e;
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    if (b[j] > 0) {
+      g[j] = std::log(b[j]) - colmax[j] - std::log(colsum[j]);
+      colsum[j] = b[j] / colsum[j];  // now the column's scale
+    } else {
+      g[j] = ninf;
+      colsum[j] = 0;
+    }
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    T* k = Kt + i * n;
+    SELKD_SIMD
+    for (int64_t j = 0; j < n; ++j) k[j] *= colsum[j];
+  }
+}
+
+// out = num / den where num > 0 (0 elsewhere); false if one of those scalings leaves
+// [1/thr, thr], which also catches a zero or subnormal denominator and NaN. One vectorised pass.
+template <typename T>
+SELKD_INLINE bool scaling_update(const T* num, const T* den, int64_t len, T* out) {
+  const T thr = scaling_threshold<T>();
+  const T ithr = T(1) / thr;
+  const T zero = 0;
+  int bad = 0;
+  SELKD_PRAGMA(omp simd reduction(+ : bad))
+  for (int64_t i = 0; i < len; ++i) {
+    const T x = num[i];
+    const T q = x / den[i];
+    const bool has = x > zero;
+    out[i] = has ? q : zero;
+    bad += (has && !(q >= ithr && q <= thr)) ? 1 : 0;
+  }
+  return bad == 0;
+}
+
+template <typename T>
+SELKD_INLINE void solve_row_stabilised(const Problem<T>& P, bool standard, int64_t row, T* Kt,
+                                       T* f, T* g, T* u, T* v, T* s, T* c, T* w) {
+  const int64_t m = P.m, n = P.n;
+  const T* a = P.a + row * m;
+  const T* b = P.b + row * n;
+  const T* M = P.shared ? P.M : P.M + row * m * n;
+  const T eps = P.eps;
+  const T inv_eps = T(1) / eps;
+  for (int64_t i = 0; i < m; ++i) { f[i] = 0; u[i] = 1; }
+  for (int64_t j = 0; j < n; ++j) { g[j] = 0; v[j] = 1; }
+  bool kt_valid = false;
+  if (standard) {
+    // the reference's standard domain: K = exp(-(M - min M)/eps), min M handed to alpha
+    T mn = std::numeric_limits<T>::infinity();
+    SELKD_PRAGMA(omp simd reduction(min : mn))
+    for (int64_t k = 0; k < m * n; ++k) mn = M[k] < mn ? M[k] : mn;
+    SELKD_SIMD
+    for (int64_t k = 0; k < m * n; ++k) Kt[k] = fast_exp<T>(-(M[k] - mn) * inv_eps);
+    for (int64_t i = 0; i < m; ++i) f[i] = mn * inv_eps;
+    matvec_rows<T>(Kt, m, n, v, s);
+    kt_valid = true;
+  }
+  int32_t it = 0;
+  for (int64_t t = 1; t <= P.n_iters; ++t) {
+    // u-update
+    // a rejected candidate u is discarded: the fallback below resets u and reads only v
+    if (!(kt_valid && scaling_update<T>(a, s, m, u))) {
+      for (int64_t j = 0; j < n; ++j) { g[j] += std::log(v[j]); v[j] = 1; }
+      log_u_update<T>(a, g, M, m, n, inv_eps, Kt, f);
+      for (int64_t i = 0; i < m; ++i) u[i] = 1;
+      kt_valid = true;
+    }
+    // v-update
+    matvec_cols<T>(Kt, m, n, u, c);
+    if (!scaling_update<T>(b, c, n, v)) {
+      for (int64_t i = 0; i < m; ++i) { f[i] += std::log(u[i]); u[i] = 1; }
+      log_v_update<T>(b, f, M, m, n, inv_eps, Kt, g, c, w);
+      for (int64_t j = 0; j < n; ++j) v[j] = 1;
+    }
+    // s = Kt v: this iteration's row sums (with u) and the next u-update's denominator
+    matvec_rows<T>(Kt, m, n, v, s);
+    it = static_cast<int32_t>(t);
+    if (P.use_tol && (t % P.check_every == 0 || t == P.n_iters)) {
+      double e = 0.0;
+      for (int64_t i = 0; i < m; ++i) e += std::abs(static_cast<double>(u[i] * s[i]) - a[i]);
+      if (e <= P.tol) break;
+    }
+  }
+  finalize_row<T>(a, b, m, n, eps, f, T(0), u, s, g, v, P.alpha + row * m, P.beta + row * n,
+                  P.loss + row, P.err + row);
+  P.iters[row] = it;
+}
+
+template <typename T>
+SELKD_INLINE void rows_worker_impl(const Problem<T>& P, bool standard, int64_t begin,
+                                   int64_t end) {
+  const int64_t m = P.m, n = P.n;
+  std::vector<T> buf(m * n + 4 * m + 5 * n);
+  T* Kt = buf.data();
+  T* f = Kt + m * n;
+  T* u = f + m;
+  T* s = u + m;
+  T* g = s + m;
+  T* v = g + n;
+  T* c = v + n;
+  T* w = c + n;
+  for (int64_t row = begin; row < end; ++row) {
+    if (P.bad[row]) continue;
+    solve_row_stabilised<T>(P, standard, row, Kt, f, g, u, v, s, c, w);
+  }
+}
+
+// Multiversioned entry points (see SELKD_CLONES); they must not be templates.
+SELKD_CLONES void blocked_worker_f32(const Problem<float>& P, int64_t b, int64_t e) {
+  blocked_worker_impl<float>(P, b, e);
+}
+SELKD_CLONES void blocked_worker_f64(const Problem<double>& P, int64_t b, int64_t e) {
+  blocked_worker_impl<double>(P, b, e);
+}
+SELKD_CLONES void rows_worker_f32(const Problem<float>& P, bool st, int64_t b, int64_t e) {
+  rows_worker_impl<float>(P, st, b, e);
+}
+SELKD_CLONES void rows_worker_f64(const Problem<double>& P, bool st, int64_t b, int64_t e) {
+  rows_worker_impl<double>(P, st, b, e);
+}
+SELKD_CLONES void exp_fill_f32(float* out, const float* M, int64_t len, float shift, float inv_eps) {
+  SELKD_SIMD
+  for (int64_t k = 0; k < len; ++k) out[k] = fast_exp<float>(-(M[k] - shift) * inv_eps);
+}
+SELKD_CLONES void exp_fill_f64(double* out, const double* M, int64_t len, double shift,
+                               double inv_eps) {
+  SELKD_SIMD
+  for (int64_t k = 0; k < len; ++k) out[k] = fast_exp<double>(-(M[k] - shift) * inv_eps);
+}
+
+inline void blocked_worker(const Problem<float>& P, int64_t b, int64_t e) { blocked_worker_f32(P, b, e); }
+inline void blocked_worker(const Problem<double>& P, int64_t b, int64_t e) { blocked_worker_f64(P, b, e); }
+inline void rows_worker(const Problem<float>& P, bool st, int64_t b, int64_t e) { rows_worker_f32(P, st, b, e); }
+inline void rows_worker(const Problem<double>& P, bool st, int64_t b, int64_t e) { rows_worker_f64(P, st, b, e); }
+inline void exp_fill(float* o, const float* M, int64_t len, float sh, float ie) { exp_fill_f32(o, M, len, sh, ie); }
+inline void exp_fill(double* o, const double* M, int64_t len, double sh, double ie) { exp_fill_f64(o, M, len, sh, ie); }
+
+}  // namespace detail
+
+namespace {
+
+using detail::Problem;
+
+// 0: as the reference's method="auto", 1: "standard", 2: "log"
+// (max M - min M) / eps; NaN for a NaN cost
+double cost_range(const at::Tensor& cost, double eps) {
+  auto mm = at::aminmax(cost);
+  return (std::get<1>(mm).item<double>() - std::get<0>(mm).item<double>()) / eps;
+}
+
+bool use_standard_domain(const at::Tensor& cost, double eps, int64_t method, bool is_double) {
+  if (method == 1) return true;
+  if (method == 2) return false;
+  // a NaN range fails the comparison: the log path, like the reference
+  return cost_range(cost, eps) <=
+         (is_double ? standard_max_range<double>() : standard_max_range<float>());
+}
+
+template <typename T>
+void mark_bad_rows(const T* a, const T* b, const T* M, int64_t B, int64_t m, int64_t n,
+                   bool shared, uint8_t* bad) {
+  bool cost_ok = true;
+  if (shared)
+    for (int64_t k = 0; k < m * n; ++k) cost_ok = cost_ok && std::isfinite(M[k]);
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      bool ok = cost_ok;
+      for (int64_t i = 0; i < m; ++i) ok = ok && std::isfinite(a[r * m + i]);
+      for (int64_t j = 0; j < n; ++j) ok = ok && std::isfinite(b[r * n + j]);
+      if (!shared) {
+        const T* Mr = M + r * m * n;
+        for (int64_t k = 0; k < m * n; ++k) ok = ok && std::isfinite(Mr[k]);
+      }
+      bad[r] = ok ? 0 : 1;
+    }
+  });
+}
+
+// Solve into preallocated outputs; a, b, cost contiguous, of dtype T.
+template <typename T>
+void solve_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double eps,
+                int64_t n_iters, double tol, int64_t check_every, int64_t method,
+                at::Tensor& loss, at::Tensor& alpha, at::Tensor& beta, at::Tensor& iters,
+                at::Tensor& err) {
+  const int64_t B = a.size(0), m = a.size(1), n = b.size(1);
+  const bool shared = cost.dim() == 2;
+  if constexpr (std::is_same<T, float>::value) {
+    // float32 input with a shared cost too wide for float32 scalings (eps = 0.01 with costs in
+    // [0, 1] is the common case) but within float64's standard-domain range: the blocked GEMM
+    // iteration in float64 is both faster than the per-row stabilised path (no per-row kernel,
+    // twice the flops of float32 but register-tiled) and more accurate than float32 arithmetic.
+    if (shared && method == 0) {
+      const double range = cost_range(cost, eps);
+      if (range > standard_max_range<float>() && range <= standard_max_range<double>()) {
+        const auto d = at::kDouble;
+        at::Tensor l64 = at::empty({B}, a.options().dtype(d)), e64 = at::empty_like(l64),
+                   al64 = at::empty({B, m}, a.options().dtype(d)),
+                   be64 = at::empty({B, n}, a.options().dtype(d));
+        solve_into<double>(a.to(d), b.to(d), cost.to(d), eps, n_iters, tol, check_every,
+                           /*method=*/1, l64, al64, be64, iters, e64);
+        loss.copy_(l64);
+        alpha.copy_(al64);
+        beta.copy_(be64);
+        err.copy_(e64);
+        return;
+      }
+    }
+  }
+  std::vector<uint8_t> bad(B);
+  Problem<T> P{};
+  P.a = a.data_ptr<T>();
+  P.b = b.data_ptr<T>();
+  P.M = cost.data_ptr<T>();
+  P.bad = bad.data();
+  P.B = B; P.m = m; P.n = n;
+  P.shared = shared;
+  P.eps = static_cast<T>(eps);
+  P.n_iters = n_iters;
+  P.use_tol = tol > 0;
+  P.tol = tol;
+  P.check_every = check_every;
+  P.loss = loss.data_ptr<T>();
+  P.alpha = alpha.data_ptr<T>();
+  P.beta = beta.data_ptr<T>();
+  P.iters = iters.data_ptr<int32_t>();
+  P.err = err.data_ptr<T>();
+  mark_bad_rows<T>(P.a, P.b, P.M, B, m, n, shared, bad.data());
+
+  const bool standard = use_standard_domain(cost, eps, method, std::is_same<T, double>::value);
+  if (shared && standard) {
+    std::vector<T> K(m * n), KT(n * m);
+    const T shift = cost.min().item<T>();
+    detail::exp_fill(K.data(), P.M, m * n, shift, T(1) / P.eps);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) KT[j * m + i] = K[i * n + j];
+    P.K = K.data();
+    P.KT = KT.data();
+    P.shift = shift;
+    constexpr int64_t L = detail::block_rows<T>();
+    const int64_t blocks = (B + L - 1) / L;
+    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      detail::blocked_worker(P, begin, end);
+    });
+  } else {
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      detail::rows_worker(P, standard, begin, end);
+    });
+  }
+  // rows with non-finite inputs: NaN loss and error whatever the arithmetic produced
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t r = 0; r < B; ++r) {
+    if (!bad[r]) continue;
+    P.loss[r] = nan;
+    P.err[r] = nan;
+    P.iters[r] = static_cast<int32_t>(n_iters);
+    for (int64_t i = 0; i < m; ++i) P.alpha[r * m + i] = nan;
+    for (int64_t j = 0; j < n; ++j) P.beta[r * n + j] = nan;
+  }
+}
+
+void check_common(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double eps,
+                  int64_t n_iters, int64_t check_every, int64_t method, const char* an,
+                  const char* bn) {
+  TORCH_CHECK_VALUE(a.device().is_cpu() && b.device().is_cpu() && cost.device().is_cpu(),
+                    "selkd cpp backend: ", an, ", ", bn, " and cost must be CPU tensors");
+  TORCH_CHECK_VALUE(a.dim() == 2, an, " must be 2-D, got ", a.sizes());
+  TORCH_CHECK_VALUE(b.dim() == 2, bn, " must be 2-D, got ", b.sizes());
+  TORCH_CHECK_VALUE(a.size(0) == b.size(0), bn, " has batch size ", b.size(0), " but ", an,
+                    " has ", a.size(0));
+  const int64_t B = a.size(0), m = a.size(1), n = b.size(1);
+  TORCH_CHECK_VALUE(B > 0 && m > 0 && n > 0, an, " and ", bn, " must not be empty");
+  TORCH_CHECK_VALUE((cost.dim() == 2 && cost.size(0) == m && cost.size(1) == n) ||
+                        (cost.dim() == 3 && cost.size(0) == B && cost.size(1) == m &&
+                         cost.size(2) == n),
+                    "cost must have shape (", m, ", ", n, ") or (", B, ", ", m, ", ", n,
+                    "), got ", cost.sizes());
+  const auto dt = a.scalar_type();
+  TORCH_CHECK_VALUE(dt == at::kFloat || dt == at::kDouble,
+                    an, " must be float32 or float64 (upcast half inputs first), got ", dt);
+  TORCH_CHECK_VALUE(b.scalar_type() == dt && cost.scalar_type() == dt, an, ", ", bn,
+                    " and cost must share one dtype");
+  TORCH_CHECK_VALUE(eps > 0 && std::isfinite(eps), "eps must be a finite number > 0, got ", eps);
+  TORCH_CHECK_VALUE(n_iters >= 1, "n_iters must be >= 1, got ", n_iters);
+  TORCH_CHECK_VALUE(n_iters <= std::numeric_limits<int32_t>::max(), "n_iters too large");
+  TORCH_CHECK_VALUE(check_every >= 1, "check_every must be >= 1, got ", check_every);
+  TORCH_CHECK_VALUE(method >= 0 && method <= 2, "method must be 0 (auto), 1 (standard) or 2 (log)");
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
+    const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double eps,
+    int64_t n_iters, double tol, int64_t check_every, int64_t method) {
+  check_common(a_in, b_in, cost_in, eps, n_iters, check_every, method, "a", "b");
+  const auto a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
+  const int64_t B = a.size(0), m = a.size(1), n = b.size(1);
+  auto opts = a.options();
+  at::Tensor loss = at::empty({B}, opts), alpha = at::empty({B, m}, opts),
+             beta = at::empty({B, n}, opts), err = at::empty({B}, opts),
+             iters = at::empty({B}, opts.dtype(at::kInt));
+  if (a.scalar_type() == at::kDouble)
+    solve_into<double>(a, b, cost, eps, n_iters, tol, check_every, method, loss, alpha, beta,
+                       iters, err);
+  else
+    solve_into<float>(a, b, cost, eps, n_iters, tol, check_every, method, loss, alpha, beta,
+                      iters, err);
+  return {loss, alpha, beta, iters, err};
+}
+
+// Row softmax of z / tau, computed like torch.softmax(z / tau) (divide, then shift by the max).
+template <typename T> void softmax_rows(const T* z, int64_t B, int64_t k, T tau, T* p) {
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* zr = z + r * k;
+      T* pr = p + r * k;
+      T mx = -std::numeric_limits<T>::infinity();
+      for (int64_t i = 0; i < k; ++i) { pr[i] = zr[i] / tau; mx = std::max(mx, pr[i]); }
+      // an all -inf or NaN row: let NaN appear so the row is reported as bad
+      if (std::isinf(mx)) mx = mx > 0 ? mx : T(0);
+      T sum = 0;
+      for (int64_t i = 0; i < k; ++i) { pr[i] = std::exp(pr[i] - mx); sum += pr[i]; }
+      const T inv = T(1) / sum;
+      for (int64_t i = 0; i < k; ++i) pr[i] *= inv;
+    }
+  });
+}
+
+// (phi - <phi, p>) p / tau with phi = potential where p > 0, 0 elsewhere (Prop. 4.2 via the
+// softmax Jacobian); entries without mass neither contribute nor receive gradient.
+template <typename T>
+void envelope_grad(const T* pot, const T* p, int64_t B, int64_t k, T tau, T* out) {
+  at::parallel_for(0, B, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* pr = p + r * k;
+      const T* phr = pot + r * k;
+      T* o = out + r * k;
+      double mean = 0.0;
+      for (int64_t i = 0; i < k; ++i)
+        if (pr[i] > 0) mean += static_cast<double>(phr[i]) * pr[i];
+      const T mu = static_cast<T>(mean);
+      for (int64_t i = 0; i < k; ++i) o[i] = pr[i] > 0 ? (phr[i] - mu) * pr[i] / tau : T(0);
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+sinkhorn_kd_forward_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
+                        const at::Tensor& cost_in, double tau, double eps, int64_t n_iters,
+                        double tol, int64_t check_every, int64_t method, bool teacher_grad) {
+  // the teacher is the source a, the student the target b (paper 1, Eq. 12)
+  check_common(teacher_in, student_in, cost_in, eps, n_iters, check_every, method,
+               "teacher_logits", "student_logits");
+  TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "tau must be a finite number > 0, got ", tau);
+  const auto zs = student_in.contiguous(), zt = teacher_in.contiguous(),
+             cost = cost_in.contiguous();
+  const int64_t B = zs.size(0), n = zs.size(1), m = zt.size(1);
+  auto opts = zs.options();
+  at::Tensor p_t = at::empty({B, m}, opts), p_s = at::empty({B, n}, opts);
+  at::Tensor loss = at::empty({B}, opts), alpha = at::empty({B, m}, opts),
+             beta = at::empty({B, n}, opts), err = at::empty({B}, opts),
+             iters = at::empty({B}, opts.dtype(at::kInt)), g_s = at::empty({B, n}, opts),
+             g_t = teacher_grad ? at::empty({B, m}, opts) : at::empty({0}, opts);
+  AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "sinkhorn_kd_forward_cpu", [&] {
+    const scalar_t tau_ = static_cast<scalar_t>(tau);
+    softmax_rows<scalar_t>(zt.data_ptr<scalar_t>(), B, m, tau_, p_t.data_ptr<scalar_t>());
+    softmax_rows<scalar_t>(zs.data_ptr<scalar_t>(), B, n, tau_, p_s.data_ptr<scalar_t>());
+    solve_into<scalar_t>(p_t, p_s, cost, eps, n_iters, tol, check_every, method, loss, alpha,
+                         beta, iters, err);
+    envelope_grad<scalar_t>(beta.data_ptr<scalar_t>(), p_s.data_ptr<scalar_t>(), B, n, tau_,
+                            g_s.data_ptr<scalar_t>());
+    if (teacher_grad)
+      envelope_grad<scalar_t>(alpha.data_ptr<scalar_t>(), p_t.data_ptr<scalar_t>(), B, m, tau_,
+                              g_t.data_ptr<scalar_t>());
+  });
+  return {loss, g_s, g_t, alpha, beta, iters, err};
+}
+
+}  // namespace
+
+// The one TORCH_LIBRARY block of the `selkd` namespace; other files add ops with
+// TORCH_LIBRARY_FRAGMENT(selkd, m).
+TORCH_LIBRARY(selkd, m) {
+  m.def("sinkhorn_solve(Tensor a, Tensor b, Tensor cost, float eps, int n_iters, float tol, "
+        "int check_every, int method) -> (Tensor loss, Tensor alpha, Tensor beta, Tensor iters, "
+        "Tensor err)");
+  m.def("sinkhorn_kd_forward(Tensor student_logits, Tensor teacher_logits, Tensor cost, "
+        "float tau, float eps, int n_iters, float tol, int check_every, int method, "
+        "bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
+        "Tensor alpha, Tensor beta, Tensor iters, Tensor err)");
+}
+
+TORCH_LIBRARY_IMPL(selkd, CPU, m) {
+  m.impl("sinkhorn_solve", &sinkhorn_solve_cpu);
+  m.impl("sinkhorn_kd_forward", &sinkhorn_kd_forward_cpu);
+}
+
+}  // namespace selkd

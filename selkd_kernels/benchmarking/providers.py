@@ -1,0 +1,478 @@
+"""Implementations under test ("providers"), one per (op, implementation).
+
+Ops:
+
+* ``sinkhorn``: batched solve of SPEC §2 on the workload's marginals; value = mean loss.
+* ``kd-forward``: fused KD loss forward in a training step (student logits require grad, so
+  implementations that differentiate through the iterations record their graph); value = loss.
+* ``kd-forward-backward``: the same plus ``loss.backward()``.
+* ``partial-ot``: open-set coupling (SPEC §7), exact projection or Bregman rounds;
+  value = ``sum(P * probe)`` for a fixed random probe, which tells couplings apart.
+* ``open-set-loss``: ``sk.open_set_selkd_loss`` (teacher and student couplings, CE and
+  distillation terms), forward+backward.
+* ``assessment``: ``sk.assess_teachers`` (approx2) on a synthetic repository, time per teacher.
+
+Providers of one family:
+
+* ``selkd:<backend>``: the package through its public API, each compiled backend.
+* ``reference``: the public API with ``backend="torch"`` (the pure-PyTorch reference),
+  ``reference:compiled`` the reference solve under ``torch.compile``, ``reference:unrolled`` the
+  KD loss with autograd through the iterations (SPEC §3's comparison mode).
+* ``plain:scaling`` / ``plain:log``: batched PyTorch loops as a user would write them.
+* ``pot:batch`` / ``pot:loop``: POT's batched solver and ``ot.sinkhorn`` per problem.
+
+Partial-OT and assessment providers exist only when the package exposes ``sk.partial_ot`` /
+``sk.assess_teachers``; the harness looks them up at run time.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import numpy as np
+import torch
+
+from .. import backends as _backends
+from .. import sinkhorn_reference as _ref
+from . import baselines as BL
+from .workloads import Workload
+
+OT_OPS = ("sinkhorn", "kd-forward", "kd-forward-backward")
+OPEN_SET_OPS = ("partial-ot", "open-set-loss")
+ALL_OPS = OT_OPS + OPEN_SET_OPS + ("assessment",)
+OPS_BY_KIND = {"ot": OT_OPS, "open-set": OPEN_SET_OPS, "assessment": ("assessment",)}
+COMPILED_BACKENDS = tuple(b for b in _backends.BACKEND_NAMES if b != "torch")
+
+
+class NotApplicable(Exception):
+    """This provider cannot run this op/workload here; the message says why (reported as n/a)."""
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    quick: bool = False
+    # in --quick the compiled provider only checks graph capture: inductor code generation takes
+    # tens of seconds per graph, more than the whole quick run may.
+    compile_backend: str = "inductor"
+    # ot.sinkhorn per problem is a Python loop: only where the batch is small
+    max_loop_batch: int = 512
+
+
+@dataclass
+class Prepared:
+    fn: Callable[[], Any]
+    value: Callable[[Any], float]
+    note: str = ""
+
+
+@dataclass
+class Provider:
+    name: str
+    family: str                       # selkd | reference | plain | pot
+    op: str
+    prepare: Callable[[Workload, Any, Context], Prepared]
+    reference: Optional[str] = "reference"   # provider whose value this one must reproduce
+    unavailable: Optional[str] = None        # reason it cannot run here at all
+    untimed: Optional[str] = None            # reason it runs (quick) but is never timed
+    compiles: bool = False                   # first call compiles; a failure there is "n/a"
+    # bytes of (B, m, n) temporaries it keeps alive: (op, ctx, workload, log_domain) -> float
+    dense_bytes: Optional[Callable[..., float]] = None
+    tags: dict = field(default_factory=dict)
+
+
+def _api():
+    import selkd_kernels as sk
+    return sk
+
+
+def _scalar(x) -> float:
+    if isinstance(x, torch.Tensor):
+        return float(x.detach().double().mean())
+    return float(np.mean(x))
+
+
+def _elem(ctx: Context) -> int:
+    return torch.empty((), dtype=ctx.dtype).element_size()
+
+
+def _method_for(w: Workload, inputs) -> str:
+    return _ref.choose_method(inputs.cost, w.eps, inputs.cost.dtype)
+
+
+def _raise_dynamo_limits():
+    """Every (shape, eps, n_iters) is its own compiled graph; past the default limit Dynamo would
+    silently fall back to eager and the "compiled" timing would be a lie."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 512))
+    if hasattr(cfg, "accumulated_recompile_limit"):
+        cfg.accumulated_recompile_limit = max(cfg.accumulated_recompile_limit, 4096)
+
+
+def _compile(fn, ctx: Context):
+    _raise_dynamo_limits()
+    return torch.compile(fn, backend=ctx.compile_backend, dynamic=False)
+
+
+# ----------------------------------------------------------------------------- backend status
+
+def backend_status(name: str, device: torch.device) -> tuple[Optional[str], Optional[str]]:
+    """(unavailable reason, untimed reason) of a package backend on ``device``."""
+    if name not in _backends.available_backends():
+        return (_backends.unavailable_reason(name) or "not built"), None
+    if name not in _backends.available_backends(device):
+        return f"does not run on {device.type} tensors here", None
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None, "Triton interpreter (TRITON_INTERPRET=1): correctness only, never timed"
+    return None, None
+
+
+# ----------------------------------------------------------------------------- OT ops
+
+def _kd_leaves(inputs):
+    zs = inputs.student_logits.detach().clone().requires_grad_(True)
+    zt = inputs.teacher_logits.detach()
+    return zs, zt
+
+
+def _kd_fn(loss_fn, zs, backward: bool):
+    """Call pattern of one training step; grads reset so they do not accumulate across calls."""
+    if backward:
+        def fn():
+            zs.grad = None
+            loss = loss_fn()
+            loss.backward()
+            return loss.detach()
+    else:
+        def fn():
+            return loss_fn().detach()
+    return fn
+
+
+def _prepare_selkd(backend: str, op: str, unrolled: bool = False):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        sk = _api()
+        if op == "sinkhorn":
+            def fn():
+                return sk.sinkhorn(inp.a, inp.b, inp.cost, eps=w.eps, n_iters=w.n_iters,
+                                   tol=None, backend=backend).loss
+            return Prepared(fn, _scalar)
+        zs, zt = _kd_leaves(inp)
+        grad = "unrolled" if unrolled else "envelope"
+
+        def loss_fn():
+            return sk.sinkhorn_kd_loss(zs, zt, inp.cost, tau=w.tau, eps=w.eps, n_iters=w.n_iters,
+                                       tol=None, backend=backend, grad=grad)
+        return Prepared(_kd_fn(loss_fn, zs, op == "kd-forward-backward"), _scalar)
+    return prepare
+
+
+class _CompiledReferenceBackend:
+    """A backend object whose fused KD forward is the compiled reference; plugged into the
+    package's autograd Function so backward is the same envelope scaling as every backend."""
+    name = "reference:compiled"
+
+    def __init__(self, compiled_kd_forward):
+        self._kd = compiled_kd_forward
+
+    def kd_forward(self, student_logits, teacher_logits, cost, **_):
+        return self._kd(student_logits, teacher_logits, cost)
+
+
+def _prepare_compiled(op: str):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        from ..kd_loss import SinkhornKDFunction
+
+        method = _method_for(w, inp)
+        note = f"method={method}; backend={ctx.compile_backend}"
+        if op == "sinkhorn":
+            core = _ref.solve_standard if method == "standard" else _ref.solve_log
+            compiled = _compile(functools.partial(core, eps=w.eps, n_iters=w.n_iters), ctx)
+
+            def fn():
+                return compiled(inp.a, inp.b, inp.cost).loss
+            return Prepared(fn, _scalar, note)
+        kd = _compile(functools.partial(_ref.kd_forward, tau=w.tau, eps=w.eps, n_iters=w.n_iters,
+                                        tol=None, check_every=10, teacher_grad=False,
+                                        method=method), ctx)
+        be = _CompiledReferenceBackend(kd)
+        zs, zt = _kd_leaves(inp)
+
+        def loss_fn():
+            rows, _, _ = SinkhornKDFunction.apply(zs, zt, inp.cost, be, w.tau, w.eps, w.n_iters,
+                                                  None, 10, method)
+            return rows.mean()
+        return Prepared(_kd_fn(loss_fn, zs, op == "kd-forward-backward"), _scalar, note)
+    return prepare
+
+
+def _prepare_plain(domain: str, op: str):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        if domain == "scaling" and not BL.scaling_is_safe(inp.cost, w.eps):
+            raise NotApplicable(f"exp(-M/eps) underflows in {str(ctx.dtype).replace('torch.', '')}"
+                                f" (max M/eps = {float(inp.cost.max()) / w.eps:.0f}); "
+                                f"plain:log covers this workload")
+        if op == "sinkhorn":
+            solve = BL.plain_scaling_sinkhorn if domain == "scaling" else BL.plain_log_sinkhorn
+
+            def fn():
+                return solve(inp.a, inp.b, inp.cost, w.eps, w.n_iters)
+            return Prepared(fn, _scalar)
+        zs, zt = _kd_leaves(inp)
+
+        def loss_fn():
+            return BL.plain_kd_loss(zs, zt, inp.cost, w.tau, w.eps, w.n_iters, domain)
+        return Prepared(_kd_fn(loss_fn, zs, op == "kd-forward-backward"), _scalar)
+    return prepare
+
+
+def _prepare_pot_batch(op: str):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        import ot.batch  # noqa: F401  (missing POT -> reported as n/a)
+        log_domain = not BL.scaling_is_safe(inp.cost, w.eps)
+        note = "log_sinkhorn" if log_domain else "sinkhorn"
+        if op == "sinkhorn":
+            def fn():
+                return BL.pot_batch_rows(inp.a, inp.b, inp.cost, w.eps, w.n_iters, log_domain,
+                                         grad="detach")
+            return Prepared(fn, _scalar, note)
+        zs, zt = _kd_leaves(inp)
+
+        def loss_fn():
+            a = torch.softmax(zt / w.tau, dim=-1)
+            b = torch.softmax(zs / w.tau, dim=-1)
+            # "envelope" in POT detaches the plan and gives no gradient to a and b
+            return BL.pot_batch_rows(a, b, inp.cost, w.eps, w.n_iters, log_domain,
+                                     grad="autodiff").mean()
+        return Prepared(_kd_fn(loss_fn, zs, op == "kd-forward-backward"), _scalar,
+                        note + ", grad=autodiff")
+    return prepare
+
+
+def _prepare_pot_loop(w: Workload, inp, ctx: Context) -> Prepared:
+    import ot  # noqa: F401
+    if w.B > ctx.max_loop_batch:
+        raise NotApplicable(f"a Python loop over B={w.B} problems; only run for "
+                            f"B <= {ctx.max_loop_batch}")
+    log_domain = not BL.scaling_is_safe(inp.cost, w.eps)
+    a_np = inp.a.detach().cpu().numpy()
+    b_np = inp.b.detach().cpu().numpy()
+    mt_np = inp.cost.detach().T.contiguous().cpu().numpy()
+
+    def fn():
+        return BL.pot_loop_rows(a_np, b_np, mt_np, w.eps, w.n_iters, log_domain)
+    return Prepared(fn, _scalar, ("sinkhorn_log" if log_domain else "sinkhorn") + ", numpy")
+
+
+def _dense(factor_fwd: float, factor_per_iter: float, only_log: bool = False,
+           grad_ops=("kd-forward", "kd-forward-backward")):
+    """Estimate of the (B, m, n) temporaries a provider keeps alive, in bytes: ``factor_fwd``
+    tensors of B*m*n at once, plus ``factor_per_iter`` per iteration that autograd saves (about
+    2.7 measured for the log-domain loops on `sharp`)."""
+    def est(op, ctx, w: Workload, log_domain: bool) -> float:
+        if only_log and not log_domain:
+            return 0.0
+        E = w.B * w.m * w.n * _elem(ctx)
+        per_iter = factor_per_iter * w.n_iters if op in grad_ops else 0.0
+        return E * (factor_fwd + per_iter)
+    return est
+
+
+def ot_providers(op: str, device: torch.device) -> list[Provider]:
+    out = []
+    for be in COMPILED_BACKENDS:
+        unavailable, untimed = backend_status(be, device)
+        out.append(Provider(f"selkd:{be}", "selkd", op, _prepare_selkd(be, op),
+                            unavailable=unavailable, untimed=untimed))
+    out.append(Provider("reference", "reference", op, _prepare_selkd("torch", op), reference=None,
+                        dense_bytes=_dense(3, 0, only_log=True)))
+    out.append(Provider("reference:compiled", "reference", op, _prepare_compiled(op),
+                        compiles=True))
+    if op != "sinkhorn":
+        out.append(Provider("reference:unrolled", "reference", op,
+                            _prepare_selkd("torch", op, unrolled=True),
+                            dense_bytes=_dense(3, 3, only_log=True)))
+    out.append(Provider("plain:scaling", "plain", op, _prepare_plain("scaling", op)))
+    out.append(Provider("plain:log", "plain", op, _prepare_plain("log", op),
+                        dense_bytes=_dense(3, 3)))
+    pot_missing = None
+    try:
+        import ot  # noqa: F401
+    except ImportError as exc:
+        pot_missing = f"POT not installed ({exc})"
+    out.append(Provider("pot:batch", "pot", op, _prepare_pot_batch(op), unavailable=pot_missing,
+                        dense_bytes=_dense(4, 3)))
+    if op == "sinkhorn":
+        out.append(Provider("pot:loop", "pot", op, _prepare_pot_loop, unavailable=pot_missing))
+    return out
+
+
+# ----------------------------------------------------------------------------- open-set ops
+
+OPEN_SET_WEIGHT = 1.0  # lambda of the open-set loss (Eq. 14); any fixed value compares alike
+
+
+def _partial_backend_status(name: str, device: torch.device):
+    """(unavailable, untimed) of a partial-OT backend, from the partial-OT module's own registry
+    (its set of kernels differs from Sinkhorn's)."""
+    try:
+        # the package namespace binds the name partial_ot to the function, not the module
+        resolve = importlib.import_module("selkd_kernels.partial_ot").get_partial_ot_backend
+    except (ImportError, AttributeError):
+        return backend_status(name, device) if name != "torch" else (None, None)
+    try:
+        resolve(name, device)
+    except ValueError as exc:
+        return str(exc), None
+    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+        return None, "Triton interpreter (TRITON_INTERPRET=1): correctness only, never timed"
+    return None, None
+
+
+def _prepare_partial_selkd(backend: str, method: str, op: str):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        sk = _api()
+        if op == "partial-ot":
+            def fn():
+                return sk.partial_ot(inp.student_scores, inp.gamma, eps=w.eps, method=method,
+                                     n_iters=w.n_iters, backend=backend)
+            return Prepared(fn, lambda P: float((P.detach().double() * inp.probe.double()).sum()))
+        loss_api = getattr(sk, "open_set_selkd_loss", None)
+        if loss_api is None:
+            raise NotApplicable("sk.open_set_selkd_loss is not in this build")
+        zs = inp.student_scores.detach().clone().requires_grad_(True)
+
+        def loss_fn():
+            return loss_api(zs, inp.teacher_scores, inp.target, gamma=inp.gamma, eps=w.eps,
+                            weight=OPEN_SET_WEIGHT, method=method, n_iters=w.n_iters,
+                            backend=backend)
+        return Prepared(_kd_fn(loss_fn, zs, True), _scalar, "sk.open_set_selkd_loss, fwd+bwd")
+    return prepare
+
+
+def _prepare_partial_plain(method: str, op: str):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        if method == "exact":
+            def coupling(z):
+                return BL.plain_partial_exact(z, inp.gamma, w.eps)
+        else:
+            def coupling(z):
+                return BL.plain_partial_bregman(z, inp.gamma, w.eps, w.n_iters)
+        if op == "partial-ot":
+            def fn():
+                return coupling(inp.student_scores)
+            return Prepared(fn, lambda P: float((P.detach().double() * inp.probe.double()).sum()))
+        zs = inp.student_scores.detach().clone().requires_grad_(True)
+
+        def loss_fn():
+            return BL.plain_open_set_loss(coupling, zs, inp.teacher_scores, inp.target,
+                                          OPEN_SET_WEIGHT)
+        return Prepared(_kd_fn(loss_fn, zs, True), _scalar, "fwd+bwd")
+    return prepare
+
+
+def open_set_providers(op: str, device: torch.device) -> list[Provider]:
+    sk = _api()
+    missing = None if getattr(sk, "partial_ot", None) is not None else \
+        "sk.partial_ot is not in this build"
+    out = []
+    for method in ("exact", "bregman"):
+        ref_name = f"reference:{method}"
+        for be in _backends.BACKEND_NAMES:
+            name = ref_name if be == "torch" else f"selkd:{be}:{method}"
+            unavailable, untimed = (missing, None) if missing else \
+                _partial_backend_status(be, device)
+            out.append(Provider(name, "reference" if be == "torch" else "selkd", op,
+                                _prepare_partial_selkd(be, method, op),
+                                reference=None if be == "torch" else ref_name,
+                                unavailable=unavailable, untimed=untimed))
+        out.append(Provider(f"plain:{method}", "plain", op, _prepare_partial_plain(method, op),
+                            reference=None if missing else ref_name))
+    return out
+
+
+# ----------------------------------------------------------------------------- assessment
+
+def _teacher_outputs_cls():
+    sk = _api()
+    cls = getattr(sk, "TeacherOutputs", None)
+    if cls is None:
+        try:
+            from ..assessment import TeacherOutputs as cls
+        except ImportError:
+            cls = None
+    return cls
+
+
+def _prepare_assessment(backend: str):
+    def prepare(w: Workload, inp, ctx: Context) -> Prepared:
+        fn_api = getattr(_api(), "assess_teachers")
+        cls = _teacher_outputs_cls()
+        if cls is None:
+            raise NotApplicable("sk.assess_teachers exists but TeacherOutputs was not found")
+        teachers = [cls(name=f"teacher{i}", features=f, logits=z, classifier_weight=W)
+                    for i, (f, z, W) in enumerate(zip(inp.features, inp.logits,
+                                                      inp.classifier_weights))]
+        # fixed iteration count (tol=None) so backends do the same work; no inner progress bar
+        wanted = {"num_classes": inp.num_classes, "tau": w.tau, "eps": w.eps,
+                  "n_iters": w.n_iters, "tol": None, "backend": backend, "progress": False}
+        try:
+            params = inspect.signature(fn_api).parameters
+            kwargs = {k: v for k, v in wanted.items() if k in params}
+        except (TypeError, ValueError):
+            kwargs = {}
+
+        def fn():
+            return fn_api(teachers, inp.labels, **kwargs)
+        return Prepared(fn, _assessment_value, f"{w.n_teachers} teachers, approx2 (fictitious "
+                                               f"linear students); time is per teacher")
+    return prepare
+
+
+def _assessment_value(out) -> float:
+    scores = getattr(out, "scores", None)
+    if scores is None and isinstance(out, dict):
+        scores = out.get("scores")
+    try:
+        return _scalar(torch.as_tensor(scores, dtype=torch.float64))
+    except (TypeError, ValueError, RuntimeError):
+        return float("nan")
+
+
+def assessment_providers(op: str, device: torch.device) -> list[Provider]:
+    missing = None if getattr(_api(), "assess_teachers", None) is not None else \
+        "sk.assess_teachers is not in this build"
+    out = [Provider("reference", "reference", op, _prepare_assessment("torch"), reference=None,
+                    unavailable=missing, tags={"per_teacher": True})]
+    for be in COMPILED_BACKENDS:
+        unavailable, untimed = (missing, None) if missing else backend_status(be, device)
+        out.append(Provider(f"selkd:{be}", "selkd", op, _prepare_assessment(be),
+                            unavailable=unavailable, untimed=untimed, tags={"per_teacher": True}))
+    return out
+
+
+def providers_for(op: str, device) -> list[Provider]:
+    device = torch.device(device)
+    if op in OT_OPS:
+        return ot_providers(op, device)
+    if op in OPEN_SET_OPS:
+        return open_set_providers(op, device)
+    if op == "assessment":
+        return assessment_providers(op, device)
+    raise ValueError(f"unknown op {op!r}; choose from {ALL_OPS}")
+
+
+def select(providers: list[Provider], patterns: Optional[list[str]]) -> list[Provider]:
+    """Keep providers whose name equals a pattern or starts with ``pattern:`` (a family)."""
+    if not patterns:
+        return providers
+    return [p for p in providers
+            if any(p.name == pat or p.name.startswith(pat + ":") or p.family == pat
+                   for pat in patterns)]

@@ -1,0 +1,220 @@
+r"""Open-set coupling of Selective KD: ``sk.partial_ot`` (paper 2, Eq. 12-14, Alg. 1; SPEC §7, §8).
+
+For a batch of ``m`` samples with scores ``Z`` (m x k) the coupling is
+
+.. math:: P^\star = \arg\min_{P \in U} \langle C, P\rangle - \varepsilon H(P), \quad
+          C = -Z, \quad U = \{P \ge 0 : P 1 \le 1,\ 1^\top P 1 = \gamma\}   \qquad (12, 14)
+
+with the entropy ``H(P) = -sum_ij P_ij (log P_ij - 1)`` (paper 2, Eq. 6), i.e. the KL projection
+of ``K = exp(Z / eps)`` onto ``U``. See :mod:`selkd_kernels.partial_ot_reference` for the maths of
+both methods and of the gradients.
+
+Backends (same names as Sinkhorn's): "torch" (the reference, autograd through the closed form),
+"cpp" (``csrc/partial_ot_cpu.cpp``), "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+"auto" takes cpp on CPU when built, triton on CUDA, else torch. The compiled backends return
+``log P`` together with the row log-masses; their backward is the closed form
+:func:`~selkd_kernels.partial_ot_reference.grad_scores`.
+"""
+from __future__ import annotations
+
+import importlib
+import numbers
+import warnings
+
+import torch
+
+from . import _validation as V
+from . import partial_ot_reference as _ref
+
+METHODS = _ref.METHODS
+BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
+_MODULES = {"cpp": "selkd_kernels.partial_ot_cpp", "triton": "selkd_kernels.partial_ot_triton"}
+AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
+
+
+class _TorchBackend:
+    name = "torch"
+
+    def supports(self, device):
+        return True
+
+
+_LOADED = {"torch": _TorchBackend()}
+_FAILED: dict = {}
+_WARNED: set = set()
+
+
+def _load(name):
+    if name in _LOADED:
+        return _LOADED[name]
+    if name in _FAILED:
+        return None
+    if name not in _MODULES:
+        _FAILED[name] = f"no partial-OT kernel is written for backend {name!r}"
+        return None
+    try:
+        _LOADED[name] = importlib.import_module(_MODULES[name]).BACKEND
+    except Exception as exc:  # an unbuilt extension or a missing Triton only disables that backend
+        _FAILED[name] = f"{type(exc).__name__}: {exc}"
+        return None
+    return _LOADED[name]
+
+
+def available_partial_ot_backends(device=None) -> list:
+    """Partial-OT backends that load here, optionally only those that run on ``device``."""
+    out = []
+    for name in BACKEND_NAMES:
+        be = _load(name)
+        if be is not None and (device is None or be.supports(torch.device(device))):
+            out.append(name)
+    return out
+
+
+def _fits(be, rows) -> bool:
+    limit = getattr(be, "max_rows", None)
+    return rows is None or limit is None or rows <= limit
+
+
+def get_partial_ot_backend(name: str, device: torch.device, rows=None):
+    """Resolve ``backend`` ("auto" or an explicit name) for tensors on ``device``.
+
+    ``rows`` (the batch size m) lets "auto" skip a kernel that holds the whole batch in one
+    program and has a row limit (Triton).
+    """
+    if name == "auto":
+        for cand in AUTO_ORDER.get(device.type, ("torch",)):
+            be = _load(cand)
+            if be is not None and be.supports(device) and _fits(be, rows):
+                return be
+            if be is not None and be.supports(device):
+                continue  # too many rows for this kernel: a size limit, not a missing backend
+            if cand != "torch" and (device.type, cand) not in _WARNED:
+                _WARNED.add((device.type, cand))
+                why = _FAILED.get(cand, f"it does not run on {device.type} tensors here")
+                warnings.warn(f"selkd_kernels.partial_ot: backend '{cand}' unavailable ({why}); "
+                              f"falling back to the next choice", RuntimeWarning, stacklevel=3)
+        return _LOADED["torch"]
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {name!r}")
+    be = _load(name)
+    if be is None:
+        raise ValueError(f"backend {name!r} is not available for partial_ot here: "
+                         f"{_FAILED.get(name)}")
+    if not be.supports(device):
+        raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here")
+    if not _fits(be, rows):
+        raise ValueError(f"scores has {rows} rows but backend {name!r} handles at most "
+                         f"{be.max_rows} per batch; use backend='cpp' or 'torch'")
+    return be
+
+
+def resolve_gamma(gamma, m: int, labels=None, num_columns=None) -> float:
+    """The total mass ``gamma`` as a float in (0, m].
+
+    ``gamma`` is a number, or ``"labels"``: the number of selected samples in the batch, read from
+    ``labels`` — a bool mask (True = selected) or local class indices in ``[0, num_columns)`` whose
+    last value ``num_columns - 1`` means "not selected".
+    """
+    if isinstance(gamma, str):
+        if gamma != "labels":
+            raise ValueError(f"gamma must be a number in (0, {m}] or 'labels', got {gamma!r}")
+        if labels is None:
+            raise ValueError("labels must be given when gamma='labels' (gamma is the number of "
+                             "selected samples in the batch)")
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != m:
+            raise ValueError(f"labels must be a 1-D tensor with {m} entries, got "
+                             f"{getattr(labels, 'shape', type(labels).__name__)}")
+        if labels.dtype == torch.bool:
+            count = int(labels.sum())
+        elif labels.dtype.is_floating_point or labels.dtype.is_complex:
+            raise ValueError(f"labels must be a bool mask or integer class indices, got "
+                             f"{labels.dtype}")
+        else:
+            if num_columns is None:
+                raise ValueError("labels given as class indices need the number of columns")
+            count = int((labels < num_columns - 1).sum())
+        if count == 0:
+            raise ValueError(f"gamma='labels' found no selected sample in the batch, but gamma "
+                             f"must be in (0, {m}]")
+        return float(count)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
+        raise ValueError(f"gamma must be a number in (0, {m}] or 'labels', got {gamma!r}")
+    g = float(gamma)
+    if not (0.0 < g <= m):  # also rejects NaN
+        raise ValueError(f"gamma must be in (0, m] = (0, {m}], got {gamma!r}")
+    return g
+
+
+def validate_partial_ot_args(scores, eps, method, n_iters, name="scores"):
+    V.check_tensor(name, scores, (2,))
+    eps = V.check_positive("eps", eps)
+    V.check_choice("method", method, set(METHODS))
+    n_iters = V.check_positive_int("n_iters", n_iters)
+    return eps, n_iters
+
+
+class _PartialOTFunction(torch.autograd.Function):
+    """``log P`` from a compiled backend; backward by the closed form with the active set fixed."""
+
+    @staticmethod
+    def forward(ctx, scores, backend, gamma, eps, method, n_iters):
+        log_p, l, rho, sat = backend.coupling(scores, gamma, eps, method, n_iters)
+        ctx.params = (gamma, eps, method, n_iters)
+        ctx.in_dtype = scores.dtype
+        ctx.save_for_backward(log_p, l, rho, sat if sat is not None else torch.empty(0))
+        ctx.has_sat = sat is not None
+        return log_p.to(scores.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_log_p):
+        log_p, l, rho, sat = ctx.saved_tensors
+        gamma, eps, method, n_iters = ctx.params
+        g = _ref.grad_scores(eps, log_p, l, rho, sat if ctx.has_sat else None, gamma,
+                             method, n_iters, grad_log_p.to(log_p.dtype))
+        return g.to(ctx.in_dtype), None, None, None, None, None
+
+
+def partial_ot(scores: torch.Tensor, gamma, *, eps: float = 1.0, method: str = "exact",
+               n_iters: int = 10, backend: str = "auto", labels=None,
+               log: bool = False) -> torch.Tensor:
+    r"""Partial-OT coupling of one batch (paper 2, Eq. 12-14).
+
+    Args:
+        scores: (m, k) scores ``Z`` (the negative cost ``-C`` of Eq. 13; for a classifier, its
+            logits with "not selected" as the last column).
+        gamma: total mass of the coupling, a number in (0, m], or ``"labels"`` (the number of
+            selected samples, counted from ``labels``; paper 2: "the number of batch samples
+            classified to the categories of the subtask").
+        eps: entropic regularisation (> 0); ``K = exp(Z / eps)``.
+        method: ``"exact"`` (default): the closed-form KL projection onto
+            ``{P 1 <= 1, 1^T P 1 = gamma}``, ``P = diag(min(kappa, 1/r_i)) K``.
+            ``"bregman"``: paper 2's Alg. 1 as written, ``n_iters`` rounds of row clipping
+            ``P <- P / max(P 1, 1)`` followed by the rescale ``P <- P gamma / 1^T P 1``. Without a
+            Dykstra correction this is not the projection (see the module docs).
+        n_iters: rounds of Alg. 1 (``"bregman"`` only).
+        backend: "auto", "torch", "cpp", "triton" (see the module docs).
+        labels: for ``gamma="labels"``: (m,) bool mask of selected samples, or local class indices
+            in ``[0, k)`` with ``k - 1`` = "not selected".
+        log: return ``log P`` (finite wherever ``scores`` is) instead of ``P``.
+
+    Returns:
+        (m, k) coupling ``P`` (or ``log P``), differentiable w.r.t. ``scores``. Computation is in
+        float32 (float64 for float64 input); the result has the input dtype.
+    """
+    eps, n_iters = validate_partial_ot_args(scores, eps, method, n_iters)
+    m, k = scores.shape
+    gamma = resolve_gamma(gamma, m, labels, k)
+    if labels is not None:
+        V.check_same_device(scores=scores, labels=labels)
+    log_p = partial_ot_log(scores, gamma, eps, method, n_iters,
+                           get_partial_ot_backend(backend, scores.device, m))
+    return log_p if log else torch.exp(log_p)
+
+
+def partial_ot_log(scores, gamma: float, eps: float, method: str, n_iters: int, be):
+    """``log P`` for validated arguments and a resolved backend object."""
+    if be.name == "torch":
+        cd = V.compute_dtype(scores)
+        log_p, _, _ = _ref.log_coupling(scores.to(cd), gamma, eps, method, n_iters)
+        return log_p.to(scores.dtype)
+    return _PartialOTFunction.apply(scores, be, gamma, eps, method, n_iters)

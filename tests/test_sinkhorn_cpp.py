@@ -1,0 +1,343 @@
+"""The C++ CPU backend against the pure-PyTorch reference (same inputs, same iteration counts).
+
+What "the right answer" is. Both implementations round differently (FMA, summation order,
+stabilised scaling against log-sum-exp). In float32 the reference's own log-domain iteration loses
+accuracy when M/eps is large (eps = 1e-3, costs up to 10: its loss is ~3e-5 off the float64 value,
+the C++ one ~1e-7), so float32 results are compared with the reference run in float64 on the same
+(exactly representable) inputs, and iteration counts with the float32 reference. Tolerances, per
+compute dtype: the loss to 1e-5 relative (float32) / 1e-10 (float64), with an absolute floor
+proportional to the cost's scale since the loss is a difference of terms as large as max|M|;
+potentials and gradients to a few float32 ulps of that scale; the marginal error to 1e-3 relative.
+"""
+import math
+
+import pytest
+import torch
+
+import selkd_kernels as sk
+from selkd_kernels import backends
+from selkd_kernels import sinkhorn_reference as ref
+
+cpp = pytest.importorskip("selkd_kernels.sinkhorn_cpp",
+                          reason="C++ extension selkd_kernels._C not built")
+BE = cpp.BACKEND
+
+# per dtype: relative loss tolerance; absolute tolerances are multiplied by max(1, max|M|)
+TOL = {
+    torch.float32: dict(loss_rtol=1e-5, loss_atol=2e-6, pot_atol=2e-5, err_atol=2e-5,
+                        err_rtol=1e-3, grad_atol=1e-5),
+    torch.float64: dict(loss_rtol=1e-10, loss_atol=1e-12, pot_atol=1e-10, err_atol=1e-11,
+                        err_rtol=1e-8, grad_atol=1e-11),
+}
+
+SHAPES = [(3, 1, 1), (4, 7, 13), (1, 13, 7), (5, 16, 16), (37, 7, 13)]  # 37: full and tail blocks
+# (eps, cost scale): eps = 1e-3 with costs up to 10 is the hardest regime SPEC §2 asks for
+EPS_SCALE = [(1e-3, 10.0), (1e-2, 1.0), (0.1, 1.0), (1.0, 1.0)]
+
+
+def _marginals(B, k, dtype, zeros=False):
+    p = torch.softmax(2 * torch.randn(B, k, dtype=torch.float64), -1)
+    if zeros and k > 2:
+        p[:, 1] = 0
+        p[0, -1] = 0
+        p = p / p.sum(-1, keepdim=True)
+    return p.to(dtype)
+
+
+def _cost(B, m, n, scale, dtype, per_row):
+    shape = (B, m, n) if per_row else (m, n)
+    return (scale * torch.rand(shape, dtype=torch.float64)).to(dtype)
+
+
+def _assert_potential(got, want, atol):
+    fin = torch.isfinite(want)
+    assert torch.equal(fin, torch.isfinite(got)), "-inf entries differ"
+    assert torch.equal(want[~fin], got[~fin])
+    torch.testing.assert_close(got[fin], want[fin], rtol=0, atol=atol)
+
+
+def _assert_solve_close(got, want, dtype, scale):
+    t = TOL[dtype]
+    s = max(1.0, scale)
+    torch.testing.assert_close(got.loss, want.loss, rtol=t["loss_rtol"], atol=t["loss_atol"] * s)
+    _assert_potential(got.alpha, want.alpha, t["pot_atol"] * s)
+    _assert_potential(got.beta, want.beta, t["pot_atol"] * s)
+    assert got.iters.dtype == torch.int32
+    assert torch.equal(got.iters, want.iters)
+    torch.testing.assert_close(got.err, want.err, rtol=t["err_rtol"], atol=t["err_atol"])
+
+
+def _run_both(a, b, M, **kw):
+    """(cpp result, reference in float64 cast back to the input dtype, reference in the input
+    dtype). Values are checked against the second, iteration counts against the third."""
+    kw.setdefault("check_every", 10)
+    kw.setdefault("tol", None)
+    got = BE.solve(a, b, M, **kw)
+    same = ref.solve(a, b, M, **kw)
+    if a.dtype == torch.float64:
+        return got, same, same
+    w = ref.solve(a.double(), b.double(), M.double(), **kw)
+    want = ref.SolveOutput(w.loss.to(a.dtype), w.alpha.to(a.dtype), w.beta.to(a.dtype),
+                           same.iters, w.err.to(a.dtype))
+    return got, want, same
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+@pytest.mark.parametrize("eps,scale", EPS_SCALE)
+@pytest.mark.parametrize("B,m,n", SHAPES)
+def test_solve_matches_reference(B, m, n, eps, scale, per_row, dtype):
+    a, b = _marginals(B, m, dtype), _marginals(B, n, dtype)
+    M = _cost(B, m, n, scale, dtype, per_row)
+    got, want, _ = _run_both(a, b, M, eps=eps, n_iters=40)
+    assert got.loss.dtype == dtype and got.alpha.shape == (B, m) and got.beta.shape == (B, n)
+    assert torch.isfinite(got.loss).all()
+    _assert_solve_close(got, want, dtype, scale)
+
+
+@pytest.mark.parametrize("method", ["standard", "log"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forced_method_matches_reference(method, dtype):
+    # both C++ paths (blocked standard-domain scaling and per-row stabilised scaling) on the same
+    # well-conditioned problem, against the reference forced the same way
+    a, b = _marginals(9, 11, dtype), _marginals(9, 6, dtype)
+    M = _cost(9, 11, 6, 1.0, dtype, False)
+    got, want, _ = _run_both(a, b, M, eps=0.2, n_iters=30, method=method)
+    _assert_solve_close(got, want, dtype, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [0.01, 0.1])
+def test_1024_classes(eps, dtype):
+    B, C = 2, 1024
+    a, b = _marginals(B, C, dtype), _marginals(B, C, dtype)
+    M = _cost(B, C, C, 1.0, dtype, False)
+    got, want, _ = _run_both(a, b, M, eps=eps, n_iters=8)
+    _assert_solve_close(got, want, dtype, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+@pytest.mark.parametrize("eps,scale", [(1e-2, 1.0), (0.1, 1.0), (1e-3, 10.0)])
+def test_zero_mass_entries(eps, scale, per_row, dtype):
+    B, m, n = 4, 9, 8
+    a, b = _marginals(B, m, dtype, zeros=True), _marginals(B, n, dtype, zeros=True)
+    M = _cost(B, m, n, scale, dtype, per_row)
+    got, want, _ = _run_both(a, b, M, eps=eps, n_iters=30)
+    assert torch.isfinite(got.loss).all()
+    assert torch.isneginf(got.alpha[:, 1]).all() and torch.isneginf(got.beta[:, 1]).all()
+    assert not torch.isnan(got.alpha).any() and not torch.isnan(got.beta).any()
+    _assert_solve_close(got, want, dtype, scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_non_contiguous_inputs(per_row, dtype):
+    B, m, n = 6, 7, 5
+    a = _marginals(B, m, dtype).t().contiguous().t()          # transposed storage
+    b = torch.zeros(B, 2 * n, dtype=dtype)
+    b[:, ::2] = _marginals(B, n, dtype)
+    b = b[:, ::2]                                              # stride-2 view
+    M = _cost(B, n, m, 1.0, dtype, per_row).transpose(-1, -2)  # (.., m, n) transposed view
+    assert not (a.is_contiguous() or b.is_contiguous() or M.is_contiguous())
+    got, want, _ = _run_both(a, b, M, eps=0.05, n_iters=25)
+    got_c = BE.solve(a.contiguous(), b.contiguous(), M.contiguous(), eps=0.05, n_iters=25,
+                     tol=None, check_every=10)
+    _assert_solve_close(got, want, dtype, 1.0)
+    assert torch.equal(got.loss, got_c.loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+@pytest.mark.parametrize("eps,check_every", [(0.1, 1), (0.05, 3), (0.01, 10)])
+def test_early_stopping_iterations(eps, check_every, per_row, dtype):
+    B, m, n = 12, 8, 10
+    a, b = _marginals(B, m, dtype), _marginals(B, n, dtype)
+    M = _cost(B, m, n, 1.0, dtype, per_row)
+    got, want, _ = _run_both(a, b, M, eps=eps, n_iters=300, tol=1e-4, check_every=check_every)
+    assert (got.iters < 300).any(), "no row converged: the test would not exercise the tolerance"
+    assert (got.iters % check_every == 0).all() | (got.iters == 300).all()
+    _assert_solve_close(got, want, dtype, 1.0)
+    assert (got.err[got.iters < 300] <= 1e-4).all()
+
+
+def test_without_tol_runs_all_iterations():
+    a, b = _marginals(5, 4, torch.float32), _marginals(5, 3, torch.float32)
+    out = BE.solve(a, b, torch.rand(4, 3), eps=0.1, n_iters=17, tol=None, check_every=5)
+    assert out.iters.tolist() == [17] * 5
+
+
+@pytest.mark.parametrize("where", ["a", "b", "cost_row", "cost_shared"])
+def test_nan_input_gives_nan_loss(where):
+    B, m, n = 4, 5, 6
+    a, b = _marginals(B, m, torch.float32), _marginals(B, n, torch.float32)
+    M = _cost(B, m, n, 1.0, torch.float32, where == "cost_row")
+    if where == "a":
+        a[1, 2] = float("nan")
+    elif where == "b":
+        b[1, 0] = float("inf")
+    else:
+        M[(1, 2, 3) if where == "cost_row" else (2, 3)] = float("nan")
+    out = BE.solve(a, b, M, eps=0.1, n_iters=20, tol=1e-6, check_every=5)
+    want = ref.solve(a, b, M, eps=0.1, n_iters=20, tol=1e-6, check_every=5)
+    bad = torch.zeros(B, dtype=torch.bool)
+    bad[1] = True
+    if where == "cost_shared":
+        bad[:] = True
+    assert torch.isnan(out.loss[bad]).all() and torch.isnan(out.err[bad]).all()
+    assert torch.equal(torch.isnan(out.loss), torch.isnan(want.loss))
+    torch.testing.assert_close(out.loss[~bad], want.loss[~bad], rtol=1e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- fused KD forward and gradients
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+@pytest.mark.parametrize("eps,scale", [(1e-3, 10.0), (1e-2, 1.0), (0.1, 1.0), (1.0, 1.0)])
+@pytest.mark.parametrize("B,C_T,C_S", [(1, 13, 7), (6, 10, 10), (3, 1, 4)])
+def test_kd_forward_matches_reference(B, C_T, C_S, eps, scale, per_row, dtype):
+    zs = 3 * torch.randn(B, C_S, dtype=dtype)
+    zt = 3 * torch.randn(B, C_T, dtype=dtype)
+    M = _cost(B, C_T, C_S, scale, dtype, per_row)
+    kw = dict(tau=2.0, eps=eps, n_iters=30, tol=None, check_every=10, teacher_grad=True)
+    same = ref.kd_forward(zs, zt, M, **kw)
+    want = ref.kd_forward(zs.double(), zt.double(), M.double(), **kw)  # see the module docstring
+    got = BE.kd_forward(zs, zt, M, **kw)
+    assert got.loss.dtype == dtype
+    t, s = TOL[dtype], max(1.0, scale)
+    close = dict(check_dtype=False)
+    torch.testing.assert_close(got.loss, want.loss, rtol=t["loss_rtol"], atol=t["loss_atol"] * s,
+                               **close)
+    torch.testing.assert_close(got.grad_student, want.grad_student, rtol=0,
+                               atol=t["grad_atol"] * s, **close)
+    torch.testing.assert_close(got.grad_teacher, want.grad_teacher, rtol=0,
+                               atol=t["grad_atol"] * s, **close)
+    assert torch.equal(got.iters, same.iters)
+    no_t = BE.kd_forward(zs, zt, M, **{**kw, "teacher_grad": False})
+    assert no_t.grad_teacher is None and torch.equal(no_t.loss, got.loss)
+
+
+def test_kd_zero_probabilities_and_half_inputs():
+    # -inf logits give exactly zero mass: no NaN anywhere, zero gradient there
+    zs = torch.randn(4, 6)
+    zt = torch.randn(4, 5)
+    zs[:, 2] = float("-inf")
+    zt[0, 0] = float("-inf")
+    M = torch.rand(5, 6)
+    kw = dict(tau=1.5, eps=0.05, n_iters=40, tol=None, check_every=10, teacher_grad=True)
+    got, want = BE.kd_forward(zs, zt, M, **kw), ref.kd_forward(zs, zt, M, **kw)
+    assert torch.isfinite(got.loss).all() and torch.isfinite(got.grad_student).all()
+    assert (got.grad_student[:, 2] == 0).all() and got.grad_teacher[0, 0] == 0
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(got.grad_student, want.grad_student, rtol=0, atol=1e-5)
+    half = BE.kd_forward(zs.half(), zt.bfloat16(), M.half(), **kw)
+    want_h = ref.kd_forward(zs.half().float(), zt.bfloat16().float(), M.half().float(), **kw)
+    assert half.loss.dtype == torch.float32
+    torch.testing.assert_close(half.loss, want_h.loss, rtol=1e-5, atol=2e-6)
+
+
+def test_kd_nan_logits_give_nan_loss():
+    zs, zt = torch.randn(3, 4), torch.randn(3, 5)
+    zt[2, 1] = float("nan")
+    loss = sk.sinkhorn_kd_loss(zs, zt, torch.rand(5, 4), reduction="none", backend="cpp")
+    assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all()
+
+
+@pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
+def test_gradients_finite_differences_float64(per_row):
+    # converged potentials make the envelope gradients exact (SPEC §3): compare with central
+    # differences of the cpp loss itself, for student logits, teacher logits and the cost
+    B, C_T, C_S = 3, 5, 4
+    zs = torch.randn(B, C_S, dtype=torch.float64, requires_grad=True)
+    zt = torch.randn(B, C_T, dtype=torch.float64, requires_grad=True)
+    M = _cost(B, C_T, C_S, 1.0, torch.float64, per_row).requires_grad_(True)
+
+    def f(zs, zt, M):
+        return sk.sinkhorn_kd_loss(zs, zt, M, tau=2.0, eps=0.3, n_iters=2000, tol=1e-14,
+                                   check_every=5, reduction="none", backend="cpp")
+
+    assert torch.autograd.gradcheck(f, (zs, zt, M), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_public_api_uses_cpp_and_matches_torch():
+    zs = torch.randn(8, 10, requires_grad=True)
+    zt = torch.randn(8, 12)
+    M = torch.rand(12, 10)
+    grads = {}
+    for name in ("torch", "cpp"):
+        loss = sk.sinkhorn_kd_loss(zs, zt, M, tau=3.0, eps=0.1, n_iters=50, backend=name)
+        grads[name], = torch.autograd.grad(loss, zs)
+        grads[name + "_loss"] = loss.detach()
+    torch.testing.assert_close(grads["cpp_loss"], grads["torch_loss"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads["cpp"], grads["torch"], rtol=0, atol=1e-6)
+    r = sk.sinkhorn(torch.softmax(zt, -1), torch.softmax(zs.detach(), -1), M, backend="cpp")
+    assert r.backend == "cpp"
+
+
+# ---------------------------------------------------------------- dispatch
+def test_available_backends_lists_cpp():
+    assert "cpp" in sk.available_backends()
+    assert "cpp" in sk.available_backends("cpu")
+    if not torch.cuda.is_available():
+        assert "cpp" not in sk.available_backends("meta")
+
+
+def test_auto_picks_cpp_on_cpu(monkeypatch):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    assert backends.get_backend("auto", torch.device("cpu")).name == "cpp"
+    a = _marginals(2, 3, torch.float32)
+    assert sk.sinkhorn(a, a, torch.rand(3, 3)).backend == "cpp"
+
+
+@pytest.mark.parametrize("forced", ["torch", "cpp"])
+def test_env_var_forces_backend(monkeypatch, forced):
+    monkeypatch.setenv(backends.ENV_VAR, forced)
+    assert backends.get_backend("auto", torch.device("cpu")).name == forced
+    a = _marginals(2, 3, torch.float32)
+    assert sk.sinkhorn(a, a, torch.rand(3, 3), backend="auto").backend == forced
+    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=backends.ENV_VAR):
+        backends.get_backend("auto", torch.device("cpu"))
+
+
+def test_cpp_rejects_non_cpu_device():
+    with pytest.raises(ValueError, match="cpp"):
+        backends.get_backend("cpp", torch.device("meta"))
+
+
+def test_op_validation_raises_value_error():
+    a = _marginals(2, 3, torch.float32)
+    with pytest.raises(ValueError, match="cost"):
+        torch.ops.selkd.sinkhorn_solve(a, a, torch.rand(4, 3), 0.1, 10, -1.0, 10, 0)
+    with pytest.raises(ValueError, match="eps"):
+        torch.ops.selkd.sinkhorn_solve(a, a, torch.rand(3, 3), 0.0, 10, -1.0, 10, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        torch.ops.selkd.sinkhorn_solve(a, a.double(), torch.rand(3, 3), 0.1, 10, -1.0, 10, 0)
+    with pytest.raises(ValueError, match="cost"):
+        sk.sinkhorn(a, a, torch.rand(3, 4), backend="cpp")
+
+
+def test_fake_kernels_pass_opcheck():
+    a = _marginals(3, 4, torch.float32)
+    b = _marginals(3, 5, torch.float32)
+    M = torch.rand(4, 5)
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.selkd.sinkhorn_solve.default,
+                          (a, b, M, 0.1, 10, 1e-3, 2, 0), test_utils=utils)
+    for tg in (True, False):
+        torch.library.opcheck(torch.ops.selkd.sinkhorn_kd_forward.default,
+                              (torch.randn(3, 5), torch.randn(3, 4), M, 2.0, 0.1, 10, -1.0, 10,
+                               0, tg), test_utils=utils)
+
+
+def test_sharp_regime_stays_accurate_float32():
+    # eps = 1e-3 with costs in [0, 10]: exp(-M/eps) underflows everywhere in float32; the
+    # stabilised path must still agree with the float64 log-domain solution
+    B, m, n = 3, 12, 9
+    a, b = _marginals(B, m, torch.float64), _marginals(B, n, torch.float64)
+    M = _cost(B, m, n, 10.0, torch.float64, False)
+    want = ref.solve(a, b, M, eps=1e-3, n_iters=60)
+    got = BE.solve(a.float(), b.float(), M.float(), eps=1e-3, n_iters=60, tol=None,
+                   check_every=10)
+    assert torch.isfinite(got.loss).all()
+    torch.testing.assert_close(got.loss.double(), want.loss, rtol=1e-5, atol=1e-5)
+    assert math.isfinite(got.alpha.abs().max().item())
