@@ -58,7 +58,7 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
 
 def check_choice(name: str, value, choices) -> str:
     if value not in choices:
-        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+        raise ValueError(f"{name} must be one of {sorted(choices, key=str)}, got {value!r}")
     return value
 
 

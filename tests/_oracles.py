@@ -4,7 +4,7 @@ import numpy as np
 import ot
 
 
-def pot_sinkhorn_loss(a, b, M, eps, stop=1e-14, max_iter=200000):
+def pot_sinkhorn_loss(a, b, M, eps, stop=1e-12, max_iter=50000):
     """Primal value <T, M> - eps H(T), H = -sum T(log T - 1), of POT's converged plan."""
     a, b, M = (np.asarray(x, dtype=np.float64) for x in (a, b, M))
     ia, ib = a > 0, b > 0

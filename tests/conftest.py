@@ -23,6 +23,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Test problems are tiny: a second OpenMP thread only adds synchronisation (5-10x slower on a
+# loaded 2-core machine). Tests that exercise threading set it themselves.
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

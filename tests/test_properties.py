@@ -1,9 +1,16 @@
 """Property tests (hypothesis) of the Sinkhorn distance."""
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import selkd_kernels as sk
+
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    # this module tests the torch reference: "auto" must not route to a compiled backend
+    monkeypatch.setenv("SELKD_BACKEND", "torch")
+
 
 SETTINGS = settings(max_examples=25, deadline=None)
 

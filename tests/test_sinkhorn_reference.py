@@ -10,12 +10,18 @@ import selkd_kernels as sk
 from selkd_kernels import sinkhorn_reference as ref
 from _oracles import pot_batch_losses
 
+@pytest.fixture(autouse=True)
+def _reference_backend(monkeypatch):
+    # this module tests the torch reference: "auto" must not route to a compiled backend
+    monkeypatch.setenv("SELKD_BACKEND", "torch")
+
+
 warnings.filterwarnings("ignore", message="selkd_kernels: backend")
 
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}        # relative agreement with POT
 SOLVER_TOL = {torch.float64: 1e-12, torch.float32: 1e-6}  # marginal L1 error to stop at
 
-SHAPES = [(1, 1, 1), (1, 1, 5), (1, 6, 1), (3, 7, 13), (2, 16, 16), (4, 31, 17), (1, 100, 3)]
+SHAPES = [(1, 1, 1), (1, 1, 5), (1, 6, 1), (3, 7, 13), (2, 31, 17), (1, 100, 3)]
 
 
 def _problem(B, m, n, dtype, scale=1.0, sharp=2.0, per_row=False, seed=0):
@@ -138,9 +144,9 @@ def test_per_row_early_stopping():
 
 def test_fixed_iterations_without_tol():
     a, b, M = _problem(3, 4, 5, torch.float32)
-    r = sk.sinkhorn(a, b, M, eps=0.5, n_iters=13)
+    r = sk.sinkhorn(a, b, M, eps=0.05, n_iters=13)
     assert r.iters.tolist() == [13, 13, 13] and r.iters.dtype == torch.int32
-    assert (r.err > 0).all()
+    assert (r.err > 1e-4).all() and r.backend == "torch"  # 13 iterations at eps=0.05: unconverged
 
 
 def test_loss_is_primal_value_of_returned_plan():
@@ -184,8 +190,9 @@ def test_half_inputs_accumulate_in_float32(dtype):
     a, b, M = _problem(2, 5, 7, torch.float64)
     r = sk.sinkhorn(a.to(dtype), b.to(dtype), M.to(dtype), eps=0.1, n_iters=200, tol=1e-6)
     assert r.loss.dtype == torch.float32
+    # the rounded rows are unbalanced by ~1e-4, beyond what float32 inputs may carry
     r32 = sk.sinkhorn(a.to(dtype).float(), b.to(dtype).float(), M.to(dtype).float(), eps=0.1,
-                      n_iters=200, tol=1e-6)
+                      n_iters=200, tol=1e-6, check_marginals=False)
     torch.testing.assert_close(r.loss, r32.loss)
 
 
