@@ -120,9 +120,7 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
         self.register_buffer("teacher_weights", w.to(torch.float32))
         self.tau = V.check_positive("tau", tau)
         self.eps = V.check_positive("eps", eps)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
-        self.weight = float(weight)
+        self.weight = V.check_nonnegative("weight", weight)
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.tol = V.check_optional_positive("tol", tol)
         self.backend = backend
