@@ -71,72 +71,115 @@ def _ref_dtype(*ts):
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
-_LOADED = {"torch": TorchBackend()}
-_FAILED: dict[str, str] = {}
-_WARNED: set = set()
+class BackendRegistry:
+    """Lazy loading, "auto" resolution and fallback warnings for one op's backends.
+
+    ``modules`` maps each compiled backend's name to the module that defines its ``BACKEND``;
+    ``auto_order`` lists names fastest first per device type; ``torch_backend`` is the reference,
+    always available. ``label`` names the op in messages (empty for Sinkhorn, the package's main
+    op). ``env_var``, when given, is read by "auto" to force a backend. A backend may declare
+    ``max_rows`` (a kernel that holds the whole batch in one program): "auto" then passes over it
+    for larger batches, and naming it explicitly for one raises ValueError.
+    """
+
+    def __init__(self, modules, auto_order, torch_backend, *, label="", kind="Sinkhorn",
+                 env_var=None):
+        self.modules = dict(modules)
+        self.auto_order = dict(auto_order)
+        self.label = label
+        self.kind = kind
+        self.env_var = env_var
+        self._loaded = {"torch": torch_backend}
+        self._failed: dict[str, str] = {}
+        self._warned: set = set()
+
+    def load(self, name: str):
+        if name in self._loaded:
+            return self._loaded[name]
+        if name in self._failed:
+            return None
+        if name not in self.modules:
+            self._failed[name] = f"no {self.kind} kernel is written for backend {name!r}"
+            return None
+        try:
+            self._loaded[name] = importlib.import_module(self.modules[name]).BACKEND
+        except Exception as exc:  # an unbuilt extension or a missing Triton only disables that backend
+            self._failed[name] = f"{type(exc).__name__}: {exc}"
+            return None
+        return self._loaded[name]
+
+    def unavailable_reason(self, name: str) -> str | None:
+        """Why a backend cannot be loaded here (None when it loads)."""
+        self.load(name)
+        return self._failed.get(name)
+
+    def available(self, device: str | torch.device | None = None) -> list[str]:
+        """Backends that load here, optionally only those that run on ``device``."""
+        out = []
+        for name in BACKEND_NAMES:
+            be = self.load(name)
+            if be is not None and (device is None or be.supports(torch.device(device))):
+                out.append(name)
+        return out
+
+    @staticmethod
+    def _fits(be, rows) -> bool:
+        limit = getattr(be, "max_rows", None)
+        return rows is None or limit is None or rows <= limit
+
+    def resolve(self, name: str, device: torch.device, rows: int | None = None):
+        """The backend for ``name`` ("auto" or explicit) on ``device``, for a batch of ``rows``."""
+        if name == "auto":
+            forced = os.environ.get(self.env_var, "").strip().lower() if self.env_var else ""
+            if forced and forced != "auto":
+                if forced not in BACKEND_NAMES:
+                    raise ValueError(f"environment variable {self.env_var} must be one of "
+                                     f"{list(BACKEND_NAMES)} or 'auto', got {forced!r}")
+                return self.resolve(forced, device, rows)
+            for cand in self.auto_order.get(device.type, ("torch",)):
+                be = self.load(cand)
+                if be is not None and be.supports(device):
+                    if self._fits(be, rows):
+                        return be
+                    continue  # too many rows for this kernel: a size limit, not a missing backend
+                if cand != "torch" and (device.type, cand) not in self._warned:
+                    self._warned.add((device.type, cand))
+                    why = self._failed.get(cand, f"it does not run on {device.type} tensors here")
+                    prefix = "selkd_kernels" + (f".{self.label}" if self.label else "")
+                    warnings.warn(f"{prefix}: backend '{cand}' unavailable ({why}); "
+                                  f"falling back to the next choice", RuntimeWarning, stacklevel=4)
+            return self._loaded["torch"]
+        if name not in BACKEND_NAMES:
+            raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {name!r}")
+        be = self.load(name)
+        if be is None:
+            where = f" for {self.label}" if self.label else ""
+            raise ValueError(f"backend {name!r} is not available{where} here: "
+                             f"{self._failed.get(name)}")
+        if not be.supports(device):
+            raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here")
+        if not self._fits(be, rows):
+            raise ValueError(f"scores has {rows} rows but backend {name!r} handles at most "
+                             f"{be.max_rows} per batch; use backend='cpp' or 'torch'")
+        return be
 
 
-def _load(name: str):
-    if name in _LOADED:
-        return _LOADED[name]
-    if name in _FAILED:
-        return None
-    try:
-        mod = importlib.import_module(_MODULES[name])
-        _LOADED[name] = mod.BACKEND
-    except Exception as exc:  # an unbuilt extension or a missing Triton only disables that backend
-        _FAILED[name] = f"{type(exc).__name__}: {exc}"
-        return None
-    return _LOADED[name]
+SINKHORN = BackendRegistry(_MODULES, AUTO_ORDER, TorchBackend(), env_var=ENV_VAR)
 
 
 def unavailable_reason(name: str) -> str | None:
-    """Why a backend cannot be loaded here (None when it loads)."""
-    _load(name)
-    return _FAILED.get(name)
+    """Why a Sinkhorn backend cannot be loaded here (None when it loads)."""
+    return SINKHORN.unavailable_reason(name)
 
 
 def available_backends(device: str | torch.device | None = None) -> list[str]:
-    """Backends that load here, optionally only those that run on ``device``."""
-    out = []
-    for name in BACKEND_NAMES:
-        be = _load(name)
-        if be is None:
-            continue
-        if device is not None and not be.supports(torch.device(device)):
-            continue
-        out.append(name)
-    return out
+    """Sinkhorn backends that load here, optionally only those that run on ``device``."""
+    return SINKHORN.available(device)
 
 
 def get_backend(name: str, device: torch.device):
     """Resolve ``name`` ("auto" or an explicit backend) for tensors on ``device``."""
-    if name == "auto":
-        forced = os.environ.get(ENV_VAR, "").strip().lower()
-        if forced and forced != "auto":
-            if forced not in BACKEND_NAMES:
-                raise ValueError(f"environment variable {ENV_VAR} must be one of "
-                                 f"{list(BACKEND_NAMES)} or 'auto', got {forced!r}")
-            return get_backend(forced, device)
-        order = AUTO_ORDER.get(device.type, ("torch",))
-        for cand in order:
-            be = _load(cand)
-            if be is not None and be.supports(device):
-                return be
-            if cand != "torch" and (device.type, cand) not in _WARNED:
-                _WARNED.add((device.type, cand))
-                why = _FAILED.get(cand, f"it does not run on {device.type} tensors here")
-                warnings.warn(f"selkd_kernels: backend '{cand}' unavailable ({why}); "
-                              f"falling back to the next choice", RuntimeWarning, stacklevel=3)
-        return _LOADED["torch"]
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {name!r}")
-    be = _load(name)
-    if be is None:
-        raise ValueError(f"backend {name!r} is not available here: {_FAILED.get(name)}")
-    if not be.supports(device):
-        raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here")
-    return be
+    return SINKHORN.resolve(name, device)
 
 
 def _preload() -> None:
@@ -147,7 +190,7 @@ def _preload() -> None:
     for kind in kinds:
         for name in AUTO_ORDER[kind]:
             if name != "torch":
-                _load(name)
+                SINKHORN.load(name)
 
 
 _preload()

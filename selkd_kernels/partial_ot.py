@@ -17,17 +17,15 @@ Backends (same names as Sinkhorn's): "torch" (the reference, autograd through th
 """
 from __future__ import annotations
 
-import importlib
 import numbers
-import warnings
 
 import torch
 
 from . import _validation as V
 from . import partial_ot_reference as _ref
+from .backends import BackendRegistry
 
 METHODS = _ref.METHODS
-BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
 _MODULES = {"cpp": "selkd_kernels.partial_ot_cpp", "triton": "selkd_kernels.partial_ot_triton"}
 AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
 
@@ -39,40 +37,14 @@ class _TorchBackend:
         return True
 
 
-_LOADED = {"torch": _TorchBackend()}
-_FAILED: dict = {}
-_WARNED: set = set()
-
-
-def _load(name):
-    if name in _LOADED:
-        return _LOADED[name]
-    if name in _FAILED:
-        return None
-    if name not in _MODULES:
-        _FAILED[name] = f"no partial-OT kernel is written for backend {name!r}"
-        return None
-    try:
-        _LOADED[name] = importlib.import_module(_MODULES[name]).BACKEND
-    except Exception as exc:  # an unbuilt extension or a missing Triton only disables that backend
-        _FAILED[name] = f"{type(exc).__name__}: {exc}"
-        return None
-    return _LOADED[name]
+# No env_var: SELKD_BACKEND may name a Sinkhorn-only backend ("cuda") that partial OT lacks.
+_REGISTRY = BackendRegistry(_MODULES, AUTO_ORDER, _TorchBackend(), label="partial_ot",
+                            kind="partial-OT")
 
 
 def available_partial_ot_backends(device=None) -> list:
     """Partial-OT backends that load here, optionally only those that run on ``device``."""
-    out = []
-    for name in BACKEND_NAMES:
-        be = _load(name)
-        if be is not None and (device is None or be.supports(torch.device(device))):
-            out.append(name)
-    return out
-
-
-def _fits(be, rows) -> bool:
-    limit = getattr(be, "max_rows", None)
-    return rows is None or limit is None or rows <= limit
+    return _REGISTRY.available(device)
 
 
 def get_partial_ot_backend(name: str, device: torch.device, rows=None):
@@ -81,31 +53,7 @@ def get_partial_ot_backend(name: str, device: torch.device, rows=None):
     ``rows`` (the batch size m) lets "auto" skip a kernel that holds the whole batch in one
     program and has a row limit (Triton).
     """
-    if name == "auto":
-        for cand in AUTO_ORDER.get(device.type, ("torch",)):
-            be = _load(cand)
-            if be is not None and be.supports(device) and _fits(be, rows):
-                return be
-            if be is not None and be.supports(device):
-                continue  # too many rows for this kernel: a size limit, not a missing backend
-            if cand != "torch" and (device.type, cand) not in _WARNED:
-                _WARNED.add((device.type, cand))
-                why = _FAILED.get(cand, f"it does not run on {device.type} tensors here")
-                warnings.warn(f"selkd_kernels.partial_ot: backend '{cand}' unavailable ({why}); "
-                              f"falling back to the next choice", RuntimeWarning, stacklevel=3)
-        return _LOADED["torch"]
-    if name not in BACKEND_NAMES:
-        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {name!r}")
-    be = _load(name)
-    if be is None:
-        raise ValueError(f"backend {name!r} is not available for partial_ot here: "
-                         f"{_FAILED.get(name)}")
-    if not be.supports(device):
-        raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here")
-    if not _fits(be, rows):
-        raise ValueError(f"scores has {rows} rows but backend {name!r} handles at most "
-                         f"{be.max_rows} per batch; use backend='cpp' or 'torch'")
-    return be
+    return _REGISTRY.resolve(name, device, rows)
 
 
 def resolve_gamma(gamma, m: int, labels=None, num_columns=None) -> float:
