@@ -21,6 +21,13 @@ rows at once; otherwise it uses Schmitzer's stabilised scaling per row (potentia
 row's kernel rebuilt in the log domain whenever a scaling leaves a safe range), which stays finite
 for eps down to 1e-3 with costs up to 10. ``method`` ("auto", "standard", "log") forces a path.
 
+On x86-64 the code is compiled for several instruction-set levels (baseline, FMA, AVX2,
+AVX-512) and the best one the CPU supports is picked when the library loads. The shared-cost path
+is also built with explicit 256-bit and 512-bit vectors: the 512-bit build runs where the CPU and
+OS support AVX-512 (twice the multiply-add rate on cores with full-width units), unless the
+environment variable ``SELKD_CPU_VECTOR_BITS=256`` is set (read on every call, for comparisons).
+:func:`vector_bits` says which width runs.
+
 Compute dtype: float64 if any input is float64, else float32 (half inputs are widened here).
 Fake (meta) kernels are registered so the ops can be traced by ``torch.compile``.
 """
@@ -31,7 +38,7 @@ import torch
 from . import _extension
 from .sinkhorn_reference import KDForward, SolveOutput
 
-_extension.require_ops("sinkhorn_solve", "sinkhorn_kd_forward")
+_extension.require_ops("sinkhorn_solve", "sinkhorn_kd_forward", "cpu_vector_bits")
 
 _METHOD_CODE = {"auto": 0, "standard": 1, "log": 2}
 
@@ -61,6 +68,12 @@ def _register_fakes():
 
 
 _register_fakes()
+
+
+def vector_bits() -> int:
+    """Vector width, in bits, of the shared-cost solve as it would run now: 512 (AVX-512), 256
+    (AVX2), 128 (baseline x86-64), or 0 when the build left the choice to the compiler."""
+    return int(torch.ops.selkd.cpu_vector_bits())
 
 
 def _compute_dtype(*ts):

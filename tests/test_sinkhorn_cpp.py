@@ -106,6 +106,77 @@ def test_forced_method_matches_reference(method, dtype):
     _assert_solve_close(got, want, dtype, 1.0)
 
 
+# The shared-cost path has a 256-bit and a 512-bit build (blocks of 16 / 32 float32 rows, 8 / 16
+# float64 rows); batch sizes around those block sizes cover full blocks, half-empty blocks run
+# with one vector and the single-vector tail.
+WIDTH_SHAPES = [(1, 5, 3), (9, 12, 10), (20, 17, 11), (33, 6, 7), (70, 9, 13)]
+
+
+def _widths():
+    out = [pytest.param("256", id="avx2")]
+    out.append(pytest.param("512", id="avx512", marks=pytest.mark.skipif(
+        not _has_wide(), reason="CPU or build without the AVX-512 path")))
+    return out
+
+
+def _has_wide():
+    import os
+    old = os.environ.pop(VECTOR_ENV, None)
+    try:
+        return cpp.vector_bits() == 512
+    finally:
+        if old is not None:
+            os.environ[VECTOR_ENV] = old
+
+
+VECTOR_ENV = "SELKD_CPU_VECTOR_BITS"
+
+
+@pytest.mark.parametrize("width", _widths())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps,tol", [(0.1, None), (0.02, None), (0.05, 1e-4)])
+@pytest.mark.parametrize("B,m,n", WIDTH_SHAPES)
+def test_vector_widths_match_reference(B, m, n, eps, tol, dtype, width, monkeypatch):
+    # eps = 0.02 on costs in [0, 1] puts float32 input in the band run as float64 scaling
+    if width == "256":
+        monkeypatch.setenv(VECTOR_ENV, "256")
+        if cpp.vector_bits() not in (0, 128, 256):
+            pytest.fail(f"{VECTOR_ENV}=256 did not turn the 512-bit path off")
+    else:
+        monkeypatch.delenv(VECTOR_ENV, raising=False)
+        assert cpp.vector_bits() == 512
+    a, b = _marginals(B, m, dtype, zeros=True), _marginals(B, n, dtype)
+    M = _cost(B, m, n, 1.0, dtype, False)
+    got, want, _ = _run_both(a, b, M, eps=eps, n_iters=60, tol=tol, check_every=5)
+    _assert_solve_close(got, want, dtype, 1.0)
+    if tol is not None:
+        assert (got.iters < 60).any(), "no row stopped early: the tolerance is not exercised"
+    # the fused KD forward goes through the same blocked solve
+    zs, zt = torch.randn(B, n, dtype=dtype), torch.randn(B, m, dtype=dtype)
+    kw = dict(tau=2.0, eps=eps, n_iters=60, tol=tol, check_every=5, teacher_grad=True)
+    kd = BE.kd_forward(zs, zt, M, **kw)
+    same = ref.kd_forward(zs, zt, M, **kw)
+    want = ref.kd_forward(zs.double(), zt.double(), M.double(), **kw)
+    t, close = TOL[dtype], dict(check_dtype=False)
+    torch.testing.assert_close(kd.loss, want.loss, rtol=t["loss_rtol"], atol=t["loss_atol"],
+                               **close)
+    torch.testing.assert_close(kd.grad_student, want.grad_student, rtol=0, atol=t["grad_atol"],
+                               **close)
+    torch.testing.assert_close(kd.grad_teacher, want.grad_teacher, rtol=0, atol=t["grad_atol"],
+                               **close)
+    assert torch.equal(kd.iters, same.iters)
+
+
+def test_vector_width_env_var_round_trip(monkeypatch):
+    monkeypatch.setenv(VECTOR_ENV, "256")
+    narrow = cpp.vector_bits()
+    assert narrow in (0, 128, 256)
+    monkeypatch.setenv(VECTOR_ENV, "512")
+    assert cpp.vector_bits() in (narrow, 512)
+    monkeypatch.delenv(VECTOR_ENV)
+    assert cpp.vector_bits() in (narrow, 512)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("eps", [0.01, 0.1])
 def test_1024_classes(eps, dtype):

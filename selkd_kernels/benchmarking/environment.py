@@ -57,6 +57,15 @@ def git_commit() -> dict:
     return out
 
 
+def cpp_vector_bits() -> Optional[int]:
+    """Vector width of the cpp backend's shared-cost solve here (None without the extension)."""
+    try:
+        from .. import sinkhorn_cpp
+    except ImportError:
+        return None
+    return sinkhorn_cpp.vector_bits()
+
+
 def collect(device="cpu") -> dict:
     device = torch.device(device)
     info = {
@@ -81,6 +90,7 @@ def collect(device="cpu") -> dict:
         "device": str(device),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
     }
+    info["machine"]["cpp_vector_bits"] = cpp_vector_bits()
     if device.type == "cuda" and torch.cuda.is_available():
         idx = device.index if device.index is not None else torch.cuda.current_device()
         info["machine"]["gpu"] = torch.cuda.get_device_name(idx)

@@ -14,7 +14,9 @@ Ops:
 
 Providers of one family:
 
-* ``selkd:<backend>``: the package through its public API, each compiled backend.
+* ``selkd:<backend>``: the package through its public API, each compiled backend;
+  ``selkd:cpp-256bit`` (CPUs with AVX-512 only) is the cpp backend with its shared-cost solve held
+  to 256-bit vectors, to show what the 512-bit build adds.
 * ``reference``: the public API with ``backend="torch"`` (the pure-PyTorch reference),
   ``reference:compiled`` the reference solve under ``torch.compile``, ``reference:unrolled`` the
   KD loss with autograd through the iterations (SPEC §3's comparison mode).
@@ -39,6 +41,7 @@ import torch
 from .. import backends as _backends
 from .. import sinkhorn_reference as _ref
 from . import baselines as BL
+from .environment import cpp_vector_bits
 from .workloads import Workload
 
 OT_OPS = ("sinkhorn", "kd-forward", "kd-forward-backward")
@@ -285,12 +288,50 @@ def _dense(factor_fwd: float, factor_per_iter: float, only_log: bool = False,
     return est
 
 
+CPP_VECTOR_ENV = "SELKD_CPU_VECTOR_BITS"
+
+
+def _with_env(prepare, var: str, value: str):
+    """``prepare`` whose calls run with the environment variable ``var`` set to ``value`` (the
+    C++ backend reads SELKD_CPU_VECTOR_BITS on every call); setting it costs microseconds."""
+    def wrapped(w: Workload, inp, ctx: Context) -> Prepared:
+        with _env(var, value):
+            prep = prepare(w, inp, ctx)
+
+        def fn():
+            with _env(var, value):
+                return prep.fn()
+        note = f"{var}={value}" + (f"; {prep.note}" if prep.note else "")
+        return Prepared(fn, prep.value, note)
+    return wrapped
+
+
+class _env:
+    """Set one environment variable for the duration of a ``with`` block."""
+
+    def __init__(self, var: str, value: str):
+        self.var, self.value = var, value
+
+    def __enter__(self):
+        self.old = os.environ.get(self.var)
+        os.environ[self.var] = self.value
+
+    def __exit__(self, *exc):
+        if self.old is None:
+            os.environ.pop(self.var, None)
+        else:
+            os.environ[self.var] = self.old
+
+
 def ot_providers(op: str, device: torch.device) -> list[Provider]:
     out = []
     for be in COMPILED_BACKENDS:
         unavailable, untimed = backend_status(be, device)
         out.append(Provider(f"selkd:{be}", "selkd", op, _prepare_selkd(be, op),
                             unavailable=unavailable, untimed=untimed))
+    if device.type == "cpu" and cpp_vector_bits() == 512:
+        out.append(Provider("selkd:cpp-256bit", "selkd", op,
+                            _with_env(_prepare_selkd("cpp", op), CPP_VECTOR_ENV, "256")))
     out.append(Provider("reference", "reference", op, _prepare_selkd("torch", op), reference=None,
                         dense_bytes=_dense(3, 0, only_log=True)))
     out.append(Provider("reference:compiled", "reference", op, _prepare_compiled(op),
