@@ -35,6 +35,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -917,6 +918,41 @@ sinkhorn_kd_forward_cpu(const at::Tensor& student_in, const at::Tensor& teacher_
   return {loss, g_s, g_t, alpha, beta, iters, err};
 }
 
+// sk.sinkhorn's input check in one pass: bit 0 set if a has a negative entry, bit 1 if b has, bit 2
+// if some row's masses differ, |sum a - sum b| / max(|sum a|, 1e-30) > tol (row sums in double;
+// rows with inf or NaN entries are skipped, they surface as NaN losses instead).
+int64_t marginal_flags_cpu(const at::Tensor& a_in, const at::Tensor& b_in, double tol) {
+  TORCH_CHECK_VALUE(a_in.dim() == 2 && b_in.dim() == 2 && a_in.size(0) == b_in.size(0),
+                    "marginal_flags: a and b must be (B, m) and (B, n), got ", a_in.sizes(),
+                    " and ", b_in.sizes());
+  TORCH_CHECK_VALUE(a_in.scalar_type() == b_in.scalar_type() &&
+                        (a_in.scalar_type() == at::kFloat || a_in.scalar_type() == at::kDouble),
+                    "marginal_flags: a and b must share one dtype, float32 or float64");
+  const auto a = a_in.contiguous(), b = b_in.contiguous();
+  const int64_t B = a.size(0), m = a.size(1), n = b.size(1);
+  std::atomic<int> flags{0};
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "marginal_flags", [&] {
+    const scalar_t* pa = a.data_ptr<scalar_t>();
+    const scalar_t* pb = b.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
+      int local = 0;
+      for (int64_t r = begin; r < end; ++r) {
+        double sa = 0.0, sb = 0.0;
+        int neg_a = 0, neg_b = 0;
+        const scalar_t* ar = pa + r * m;
+        const scalar_t* br = pb + r * n;
+        for (int64_t i = 0; i < m; ++i) { sa += ar[i]; neg_a |= ar[i] < 0; }
+        for (int64_t j = 0; j < n; ++j) { sb += br[j]; neg_b |= br[j] < 0; }
+        const double gap = std::abs(sa - sb) / std::max(std::abs(sa), 1e-30);
+        local |= neg_a | (neg_b << 1) |
+                 ((gap > tol && gap < std::numeric_limits<double>::infinity()) ? 4 : 0);
+      }
+      if (local) flags.fetch_or(local);
+    });
+  });
+  return flags.load();
+}
+
 // Width in bits of the vectors the shared-cost (blocked) path uses for this call's settings: 512
 // (AVX-512 build, see wide_vectors()), 256 (AVX2 clone) or 128 (baseline x86-64 clone); 0 when
 // the compiler picked the width (non-GCC or non-x86 builds).
@@ -944,6 +980,7 @@ TORCH_LIBRARY(selkd, m) {
         "float tau, float eps, int n_iters, float tol, int check_every, int method, "
         "bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
         "Tensor alpha, Tensor beta, Tensor iters, Tensor err)");
+  m.def("marginal_flags(Tensor a, Tensor b, float tol) -> int");
   // no tensor arguments, so no dispatch key: a catch-all kernel
   m.def("cpu_vector_bits() -> int", &cpu_vector_bits);
 }
@@ -951,6 +988,7 @@ TORCH_LIBRARY(selkd, m) {
 TORCH_LIBRARY_IMPL(selkd, CPU, m) {
   m.impl("sinkhorn_solve", &sinkhorn_solve_cpu);
   m.impl("sinkhorn_kd_forward", &sinkhorn_kd_forward_cpu);
+  m.impl("marginal_flags", &marginal_flags_cpu);
 }
 
 }  // namespace selkd

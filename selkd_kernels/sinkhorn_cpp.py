@@ -38,7 +38,8 @@ import torch
 from . import _extension
 from .sinkhorn_reference import KDForward, SolveOutput
 
-_extension.require_ops("sinkhorn_solve", "sinkhorn_kd_forward", "cpu_vector_bits")
+_extension.require_ops("sinkhorn_solve", "sinkhorn_kd_forward", "cpu_vector_bits",
+                       "marginal_flags")
 
 _METHOD_CODE = {"auto": 0, "standard": 1, "log": 2}
 
@@ -92,6 +93,15 @@ class CppBackend:
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cpu"
+
+    def marginal_flags(self, a, b, tol):
+        """(a has a negative entry, b has one, some row's masses differ by more than ``tol``
+        relative) in one C++ pass, or None where the op does not apply (other dtypes, devices)."""
+        if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or \
+                a.dtype not in (torch.float32, torch.float64):
+            return None
+        code = torch.ops.selkd.marginal_flags(a, b, float(tol))
+        return bool(code & 1), bool(code & 2), bool(code & 4)
 
     def solve(self, a, b, cost, *, eps, n_iters, tol, check_every, method="auto"):
         cd = _compute_dtype(a, b, cost)

@@ -412,3 +412,59 @@ def test_sharp_regime_stays_accurate_float32():
     assert torch.isfinite(got.loss).all()
     torch.testing.assert_close(got.loss.double(), want.loss, rtol=1e-5, atol=1e-5)
     assert math.isfinite(got.alpha.abs().max().item())
+
+
+# ---------------------------------------------------------------- marginal check
+def _marginal_case(case, dtype):
+    a, b = _marginals(5, 6, torch.float64), _marginals(5, 4, torch.float64)
+    if case == "negative_a":
+        a[2, 1] = -1e-3
+    elif case == "negative_b":
+        b[4, 0] = -0.5
+    elif case == "unbalanced":
+        b[3] *= 1.01
+    elif case == "slightly_off":
+        b[3] *= 1 + 1e-7                     # under the 1e-5 tolerance
+    elif case == "nan_row":
+        a[1, 2] = float("nan")
+    elif case == "inf_row":
+        b[0, 3] = float("inf")
+    elif case == "nan_and_negative":
+        a[1, 2] = float("nan")
+        a[3, 0] = -0.1
+    elif case == "nan_and_unbalanced":
+        a[1, 2] = float("nan")
+        b[4] *= 2
+    return a.to(dtype), b.to(dtype)
+
+
+def _check_outcome(a, b, be):
+    from selkd_kernels.sinkhorn import _check_marginals
+    try:
+        _check_marginals(a, b, be)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", ["ok", "negative_a", "negative_b", "unbalanced", "slightly_off",
+                                  "nan_row", "inf_row", "nan_and_negative",
+                                  "nan_and_unbalanced"])
+def test_compiled_marginal_check_matches_torch(case, dtype):
+    a, b = _marginal_case(case, dtype)
+    assert BE.marginal_flags(a, b, 1e-5) is not None   # the compiled pass is what runs here
+    want = _check_outcome(a, b, None)                   # the torch version
+    assert _check_outcome(a, b, BE) == want
+    expect_error = case in ("negative_a", "negative_b", "unbalanced", "nan_and_negative",
+                            "nan_and_unbalanced")
+    assert (want is not None) == expect_error
+    # non-contiguous views go through the same pass
+    at, bt = a.t().contiguous().t(), b.t().contiguous().t()
+    assert _check_outcome(at, bt, BE) == want
+
+
+def test_marginal_check_falls_back_for_half_inputs():
+    a = _marginals(3, 4, torch.float32).half()
+    assert BE.marginal_flags(a, a, 2e-2) is None
+    assert BE.marginal_flags(a.float(), a.double(), 1e-5) is None
