@@ -6,7 +6,9 @@ A backend is an object with
 * ``supports(device) -> bool``: whether it can run on tensors of that device here and now;
 * ``solve(a, b, cost, *, eps, n_iters, tol, check_every, method) -> SolveOutput``;
 * ``kd_forward(student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol, check_every,
-  teacher_grad, method) -> KDForward``
+  teacher_grad, method) -> KDForward``;
+* optionally ``marginal_flags(a, b, tol) -> (neg_a, neg_b, unbalanced) | None``: the input check of
+  ``sk.sinkhorn`` in one compiled pass (None where it does not apply; the torch check runs then)
 
 with the semantics of :mod:`selkd_kernels.sinkhorn_reference` (same iteration order, same stopping
 schedule, same outputs). Inputs arrive validated; ``student_logits`` already carries the compute
