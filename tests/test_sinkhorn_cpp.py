@@ -306,6 +306,28 @@ def test_kd_zero_probabilities_and_half_inputs():
     torch.testing.assert_close(half.loss, want_h.loss, rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_kd_softmax_keeps_subnormal_probabilities(dtype):
+    # logit gaps beyond ~87 * tau (float32) give probabilities that torch.softmax returns as
+    # subnormals, not zeros; the op's vectorised exp flushes there, so it must redo those entries
+    # or its zero pattern (and hence which potentials are -inf) would differ from the reference
+    scale = 60.0 if dtype == torch.float32 else 400.0
+    torch.manual_seed(3)
+    z = scale * torch.randn(6, 11, dtype=dtype)
+    p = torch.softmax(z, -1)
+    tiny = torch.finfo(dtype).tiny
+    assert ((p > 0) & (p < tiny)).any(), "no subnormal probability: the test would not bite"
+    M = _cost(6, 11, 11, 10.0, dtype, False)
+    kw = dict(tau=1.0, eps=1e-3, n_iters=20, tol=None, check_every=10, teacher_grad=True,
+              method="log")
+    got = BE.kd_forward(z, z, M, **kw)
+    want = ref.kd_forward(z, z, M, **kw)
+    assert torch.equal(torch.isinf(got.alpha), torch.isinf(want.alpha))
+    assert torch.equal(torch.isinf(got.beta), torch.isinf(want.beta))
+    assert torch.isfinite(got.loss).all()
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-4, atol=1e-4)
+
+
 def test_kd_nan_logits_give_nan_loss():
     zs, zt = torch.randn(3, 4), torch.randn(3, 5)
     zt[2, 1] = float("nan")
