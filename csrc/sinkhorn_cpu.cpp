@@ -42,6 +42,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace selkd {
@@ -234,12 +235,16 @@ template <typename T> struct Problem {
   T* err;
 };
 
-// Potentials, loss and error of one row from its final scalings. `f` (units of eps) may be null,
-// then alpha = eps log u + shift as in the reference's standard-domain solve.
+// Potentials, loss and error of one row from its final scalings. With potentials f, g (units of
+// eps; stabilised path) alpha = eps (f + log u), beta = eps (g + log v). Without them (f, g null;
+// plain scaling) they come from the last updates' denominators, alpha = eps (log a - log sden) +
+// shift, beta = eps (log b - log cden), as in the reference's standard-domain solve: eps log u
+// would be -inf where a tiny positive mass makes u underflow to 0, and alpha r = -inf * 0 = NaN.
 template <typename T>
 SELKD_INLINE void finalize_row(const T* a, const T* b, int64_t m, int64_t n, T eps, const T* f,
-                               T shift, const T* u, const T* s, const T* g, const T* v, T* alpha,
-                               T* beta, T* loss, T* err) {
+                               T shift, const T* u, const T* s, const T* g, const T* v,
+                               const T* sden, const T* cden, T* alpha, T* beta, T* loss,
+                               T* err) {
   const T ninf = -std::numeric_limits<T>::infinity();
   // double accumulators: the loss is a difference of sums of comparable size
   double acc = 0.0, mass = 0.0, e = 0.0;
@@ -247,7 +252,7 @@ SELKD_INLINE void finalize_row(const T* a, const T* b, int64_t m, int64_t n, T e
     const T r = u[i] * s[i];
     T al = ninf;
     if (a[i] > 0) {
-      al = f ? eps * (f[i] + std::log(u[i])) : eps * std::log(u[i]) + shift;
+      al = f ? eps * (f[i] + std::log(u[i])) : eps * (std::log(a[i]) - std::log(sden[i])) + shift;
       acc += static_cast<double>(al) * r;
     }
     alpha[i] = al;
@@ -257,7 +262,7 @@ SELKD_INLINE void finalize_row(const T* a, const T* b, int64_t m, int64_t n, T e
   for (int64_t j = 0; j < n; ++j) {
     T be = ninf;
     if (b[j] > 0) {
-      be = g ? eps * (g[j] + std::log(v[j])) : eps * std::log(v[j]);
+      be = g ? eps * (g[j] + std::log(v[j])) : eps * (std::log(b[j]) - std::log(cden[j]));
       acc += static_cast<double>(be) * b[j];
     }
     beta[j] = be;
@@ -318,13 +323,16 @@ SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
                                  ~(uintptr_t)(sizeof(V) - 1));
   V* A = reinterpret_cast<V*>(base);
   V* U = A + m * NV;
-  V* S = U + m * NV;
-  V* Bv = S + m * NV;
+  V* S = U + m * NV;   // K v, the next u-update's denominator
+  V* Sp = S + m * NV;  // the denominator of the current u
+  V* Bv = Sp + m * NV;
   V* Vv = Bv + n * NV;
-  V* C = Vv + n * NV;
+  V* C = Vv + n * NV;  // K^T u, the denominator of the current v
   T* lu = reinterpret_cast<T*>(C + n * NV);
   T* ls = lu + m;
   T* lv = ls + m;
+  T* lsd = lv + n;
+  T* lcd = lsd + m;
   // element of lane l in the NV-vector pack number idx
   auto at = [](V* arr, int64_t idx, int l) -> T& {
     return reinterpret_cast<T*>(arr + idx * NV + l / VL)[l % VL];
@@ -344,10 +352,14 @@ SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
 
   auto emit = [&](int l, int32_t it) {
     const int64_t row = r0 + l;
-    for (int64_t i = 0; i < m; ++i) { lu[i] = at(U, i, l); ls[i] = at(S, i, l); }
-    for (int64_t j = 0; j < n; ++j) lv[j] = at(Vv, j, l);
+    for (int64_t i = 0; i < m; ++i) {
+      lu[i] = at(U, i, l);
+      ls[i] = at(S, i, l);
+      lsd[i] = at(Sp, i, l);
+    }
+    for (int64_t j = 0; j < n; ++j) { lv[j] = at(Vv, j, l); lcd[j] = at(C, j, l); }
     finalize_row<T>(P.a + row * m, P.b + row * n, m, n, P.eps, nullptr, P.shift, lu, ls, nullptr,
-                    lv, P.alpha + row * m, P.beta + row * n, P.loss + row, P.err + row);
+                    lv, lsd, lcd, P.alpha + row * m, P.beta + row * n, P.loss + row, P.err + row);
     P.iters[row] = it;
   };
 
@@ -358,7 +370,9 @@ SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
     for (int64_t i = 0; i < m * NV; ++i) U[i] = A[i] / S[i];
     lanes_matmul<T, V, NV>(P.KT, n, m, U, C);
     for (int64_t j = 0; j < n * NV; ++j) Vv[j] = Bv[j] / C[j];
-    // S = K v serves both this iteration's error and the next u-update
+    // S = K v serves both this iteration's error and the next u-update; the old S, the
+    // denominator of this U, is kept for the potentials (see finalize_row)
+    std::swap(S, Sp);
     lanes_matmul<T, V, NV>(P.K, m, n, Vv, S);
     if (P.use_tol && (t % P.check_every == 0 || t == P.n_iters)) {
       for (int l = 0; l < L; ++l) {
@@ -385,7 +399,7 @@ template <typename T, int W> constexpr int64_t block_rows() {
 
 template <typename T, int W> int64_t blocked_scratch_size(int64_t m, int64_t n) {
   constexpr int64_t L = block_rows<T, W>();
-  return (3 * m + 3 * n) * L + 2 * m + n + 64;
+  return (4 * m + 3 * n) * L + 3 * m + 2 * n + 64;
 }
 
 // Blocks of block_rows<T, W>() rows; a block with at most half that many rows (the batch's tail)
@@ -607,8 +621,8 @@ SELKD_INLINE void solve_row_stabilised(const Problem<T>& P, bool standard, int64
       if (e <= P.tol) break;
     }
   }
-  finalize_row<T>(a, b, m, n, eps, f, T(0), u, s, g, v, P.alpha + row * m, P.beta + row * n,
-                  P.loss + row, P.err + row);
+  finalize_row<T>(a, b, m, n, eps, f, T(0), u, s, g, v, nullptr, nullptr, P.alpha + row * m,
+                  P.beta + row * n, P.loss + row, P.err + row);
   P.iters[row] = it;
 }
 

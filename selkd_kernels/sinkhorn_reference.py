@@ -171,21 +171,27 @@ def solve_standard(a, b, cost, *, eps, n_iters, tol=None, check_every=10):
     def KTu(u):
         return u @ K[0] if shared else torch.einsum("bmn,bm->bn", K, u)
 
+    # The state keeps each update's denominator (s = K v, c = K^T u) as well as the scalings: the
+    # potentials are taken as eps (log a - log s), eps (log b - log c). eps log(a / s) would be -inf
+    # where a tiny positive mass (a float32 subnormal) makes the quotient underflow to 0, and the
+    # loss term alpha_i r_i would then be -inf * 0 = NaN for finite inputs.
     def step(state):
-        u, v = state
-        u = a / Kv(v)
-        v = b / KTu(u)
-        return u, v
+        _, v, _, _ = state
+        s = Kv(v)
+        u = a / s
+        c = KTu(u)
+        return u, b / c, s, c
 
     def marginal_err(state):
-        u, v = state
+        u, v, _, _ = state
         return (u * Kv(v) - a).abs().sum(-1)
 
-    (u, v), iters = _iterate(step, (torch.ones_like(a), torch.ones_like(b)), marginal_err,
-                             n_iters, tol, check_every, B, a.device)
+    (u, v, s, c), iters = _iterate(step, (torch.ones_like(a), torch.ones_like(b),
+                                          torch.ones_like(a), torch.ones_like(b)),
+                                   marginal_err, n_iters, tol, check_every, B, a.device)
     r = u * Kv(v)
-    alpha = eps * torch.log(u) + (shift if shared else shift[:, None])
-    beta = eps * torch.log(v)
+    alpha = eps * (torch.log(a) - torch.log(s)) + (shift if shared else shift[:, None])
+    beta = eps * (torch.log(b) - torch.log(c))
     err = (r - a).abs().sum(-1)
     loss = primal_loss(alpha, beta, r, a, b, eps)
     return SolveOutput(loss, alpha, beta, iters, err)

@@ -490,3 +490,25 @@ def test_marginal_check_falls_back_for_half_inputs():
     a = _marginals(3, 4, torch.float32).half()
     assert BE.marginal_flags(a, a, 2e-2) is None
     assert BE.marginal_flags(a.float(), a.double(), 1e-5) is None
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_tiny_masses_in_float32_scaling_give_finite_loss(backend):
+    # a positive mass far below the smallest normal float (softmax of logits 50 apart) makes the
+    # scaling u = a / (K v) underflow to 0 in float32; the potentials must still be finite
+    # (eps (log a - log Kv)) or the loss term alpha * r is -inf * 0 = NaN for finite inputs
+    torch.manual_seed(1)
+    z = 50 * torch.randn(7, 13)
+    p = torch.softmax(z, -1)
+    assert ((p > 0) & (p < 1e-40)).any(), "no subnormal mass: the test would not bite"
+    M = torch.rand(13, 13)
+    out = sk.sinkhorn(p, p, M, eps=0.5, n_iters=3, backend=backend)
+    assert torch.isfinite(out.loss).all()
+    want = ref.solve(p.double(), p.double(), M.double(), eps=0.5, n_iters=3)
+    torch.testing.assert_close(out.loss.double(), want.loss, rtol=1e-5, atol=1e-6)
+    zs = z.clone().requires_grad_(True)
+    loss = sk.sinkhorn_kd_loss(zs, z, M, tau=1.0, eps=0.5, n_iters=3, reduction="none",
+                               backend=backend)
+    assert torch.isfinite(loss).all()
+    g, = torch.autograd.grad(loss.sum(), zs)
+    assert torch.isfinite(g).all()
