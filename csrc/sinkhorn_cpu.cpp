@@ -246,13 +246,19 @@ SELKD_INLINE void finalize_row(const T* a, const T* b, int64_t m, int64_t n, T e
                                const T* sden, const T* cden, T* alpha, T* beta, T* loss,
                                T* err) {
   const T ninf = -std::numeric_limits<T>::infinity();
+  const T tiny = std::numeric_limits<T>::min();  // smallest normal number
   // double accumulators: the loss is a difference of sums of comparable size
   double acc = 0.0, mass = 0.0, e = 0.0;
   for (int64_t i = 0; i < m; ++i) {
     const T r = u[i] * s[i];
     T al = ninf;
     if (a[i] > 0) {
-      al = f ? eps * (f[i] + std::log(u[i])) : eps * (std::log(a[i]) - std::log(sden[i])) + shift;
+      // log u equals log a - log sden up to rounding while u is a normal number: one log
+      if (f)
+        al = eps * (f[i] + std::log(u[i]));
+      else
+        al = (u[i] >= tiny ? eps * std::log(u[i])
+                           : eps * (std::log(a[i]) - std::log(sden[i]))) + shift;
       acc += static_cast<double>(al) * r;
     }
     alpha[i] = al;
@@ -262,7 +268,10 @@ SELKD_INLINE void finalize_row(const T* a, const T* b, int64_t m, int64_t n, T e
   for (int64_t j = 0; j < n; ++j) {
     T be = ninf;
     if (b[j] > 0) {
-      be = g ? eps * (g[j] + std::log(v[j])) : eps * (std::log(b[j]) - std::log(cden[j]));
+      if (g)
+        be = eps * (g[j] + std::log(v[j]));
+      else
+        be = v[j] >= tiny ? eps * std::log(v[j]) : eps * (std::log(b[j]) - std::log(cden[j]));
       acc += static_cast<double>(be) * b[j];
     }
     beta[j] = be;
