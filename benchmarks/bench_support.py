@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 
-from selkd_kernels import sinkhorn_reference as _ref
+from selkd_kernels.ops.sinkhorn import reference as _ref
 from selkd_kernels.benchmarking import providers as P
 from selkd_kernels.benchmarking.runner import AGREEMENT_RTOL, RunConfig, Runner
 from selkd_kernels.benchmarking.workloads import (QUICK_WORKLOADS, WORKLOADS, make_inputs)

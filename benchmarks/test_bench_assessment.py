@@ -1,4 +1,4 @@
-"""Teacher assessment (SPEC §6): ``sk.assess_teachers`` on a synthetic repository; the timing
+"""Teacher assessment (docs/assessment.md): ``sk.assess_teachers`` on a synthetic repository; the timing
 covers every teacher (``extra_info["n_teachers"]``). Skipped while it is not in the build."""
 import pytest
 

@@ -1,4 +1,4 @@
-"""Sinkhorn KD loss (SPEC §3, §5): forward of a training step, and forward + backward."""
+"""Sinkhorn KD loss (docs/ops/sinkhorn.md, docs/losses.md): forward of a training step, and forward + backward."""
 import pytest
 
 from bench_support import provider_names, workloads_of

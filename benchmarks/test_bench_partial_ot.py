@@ -1,4 +1,4 @@
-"""Open-set selective KD (SPEC §7): the partial-OT coupling, and the open-set loss forward +
+"""Open-set selective KD (docs/ops/partial_ot.md): the partial-OT coupling, and the open-set loss forward +
 backward. Providers are skipped while ``sk.partial_ot`` is not in the build."""
 import pytest
 

@@ -1,4 +1,4 @@
-"""Batched Sinkhorn solve (SPEC §2) on the "ot" workloads, every provider."""
+"""Batched Sinkhorn solve (docs/ops/sinkhorn.md) on the "ot" workloads, every provider."""
 import pytest
 
 from bench_support import provider_names, workloads_of

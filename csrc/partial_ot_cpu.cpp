@@ -1,4 +1,4 @@
-// CPU kernels for the open-set coupling of Selective KD (paper 2, Eq. 12-14; SPEC §7).
+// CPU kernels for the open-set coupling of Selective KD (paper 2, Eq. 12-14; docs/ops/partial_ot.md).
 //
 // Every coupling in this problem is P = diag(s) K with K = exp(Z / eps), so both methods reduce to
 // a map from the row log-masses l_i = logsumexp_j(Z_ij / eps) to the coupling's row log-masses

@@ -1,5 +1,5 @@
 // C++ CPU backend of the batched entropic OT solve and the fused Sinkhorn KD forward
-// (SPEC §2, §3, §9). The pure-PyTorch reference (selkd_kernels/sinkhorn_reference.py) defines the
+// (docs/ops/sinkhorn.md, docs/backends.md). The pure-PyTorch reference (selkd_kernels/ops/sinkhorn/reference.py) defines the
 // semantics; this file must reproduce its iterates, stopping schedule and outputs.
 //
 // Problem, per row (paper 1, Eq. 5 / 12), entropy convention H(T) = -sum T (log T - 1):

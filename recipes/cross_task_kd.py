@@ -7,7 +7,7 @@ in the teacher's embedding (Eq. 6-7); the student is trained with cross-entropy 
 distance between the teacher's and its own temperature softmaxes (Eq. 11), and compared with a
 student trained by cross-entropy alone, over several seeds.
 
-    python python/cross_task_kd.py [--shots 10] [--seeds 5] [--epochs 300]
+    python recipes/cross_task_kd.py [--shots 10] [--seeds 5] [--epochs 300]
 """
 import argparse
 
@@ -87,7 +87,7 @@ def main():
 
         with torch.no_grad():
             # Eq. 6: student class centres in the teacher's embedding; teacher centres stored
-            # from its own training data (SPEC §4: "stored centres if given")
+            # from its own training data (paper 1, Eq. 8 allows stored centres)
             e_s = sk.class_centers(teacher.features(xs), ys, len(s_classes))
             e_t = sk.class_centers(teacher.features(x_tr[in_t]), y_tr[in_t], len(t_classes))
             cost = sk.euclidean_cost(e_t, e_s, normalize="max")  # Eq. 7, (C_T, C_S)

@@ -16,7 +16,7 @@ Open set (Table 3: students see all data, n + 1 outputs, "not selected" last)
     KD               Hinton KD from a per-subtask (n + 1)-class teacher, softmax prediction
     SelKD-exact      open-set SelKD loss with the exact partial-OT projection
     SelKD-bregman    the same with paper 2's Alg. 1 (10 rounds)
-Each SelKD student is scored by SPEC §7's OT rule (argmax over the test batch's coupling row and
+Each SelKD student is scored by paper 2's OT rule (argmax over the test batch's coupling row and
 its slack ``1 - sum_j P_ij``) and by the plain argmax of its n + 1 outputs.
 
 Metrics: closed-set accuracy on the subtask's test samples; for the open set also accuracy on the
@@ -25,8 +25,8 @@ mass of the last class for softmax/argmax prediction, ``1 - sum_{j<=n} P_ij`` fo
 The OT prediction uses gamma = (test batch size) x (fraction of selected samples in the training
 set), so no test label is used.
 
-    python python/selkd_digits.py --out results/selkd_digits.json
-    python python/selkd_digits.py --quick --out /tmp/q.json      # smoke run, seconds
+    python recipes/selkd_digits.py --out results/selkd_digits.json
+    python recipes/selkd_digits.py --quick --out /tmp/q.json      # smoke run, seconds
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ import selkd_kernels as sk  # noqa: E402
 
 CLOSED_METHODS = ["no-KD", "KD", "SelKD", "SelKD-balanced"]
 OPEN_METHODS = ["no-KD", "KD", "SelKD-exact", "SelKD-bregman"]
-# rows of the open-set table: every SelKD student is scored twice, by the OT rule of SPEC §7 and
+# rows of the open-set table: every SelKD student is scored twice, by paper 2's OT rule and
 # by the plain argmax over its n + 1 outputs (which is what the OT rule reduces to without the
 # slack entry, since the coupling only rescales rows)
 OPEN_ROWS = ["no-KD", "KD", "SelKD-exact/OT-rule", "SelKD-exact/argmax", "SelKD-bregman/OT-rule",

@@ -9,11 +9,11 @@ Main entry points::
     crit = sk.SinkhornKDLoss(cost, tau=3.0, eps=0.1, weight=10.0)   # Eq. 11 with CE
     cost = sk.euclidean_cost(sk.teacher_class_centers(W), sk.class_centers(phi, y, C_S))
 """
-from .backends import available_backends
+from .ops.sinkhorn.dispatch import available_backends
 from .cost import (class_centers, constant_cost, euclidean_cost, normalize_cost,
                    random_embedding_cost, superclass_cost, teacher_class_centers)
-from .kd_loss import SinkhornKDLoss, sinkhorn_kd_loss
-from .sinkhorn import SinkhornResult, sinkhorn, transport_plan
+from .losses.sinkhorn_kd import SinkhornKDLoss, sinkhorn_kd_loss
+from .ops.sinkhorn.api import SinkhornResult, sinkhorn, transport_plan
 
 __version__ = "0.1.0"
 
@@ -24,8 +24,8 @@ __all__ = [
 ]
 
 # Selective KD (paper 2): partial-OT coupling, closed/open-set losses, prediction, metrics
-from .partial_ot import available_partial_ot_backends, partial_ot  # noqa: E402
-from .selkd_loss import (SelKDLoss, SelKDPrediction, auroc, closed_set_selkd_loss,  # noqa: E402
+from .ops.partial_ot.api import available_partial_ot_backends, partial_ot  # noqa: E402
+from .losses.selkd import (SelKDLoss, SelKDPrediction, auroc, closed_set_selkd_loss,  # noqa: E402
                          local_labels, open_set_selkd_loss, open_set_teacher_logits, selkd_loss,
                          selkd_metrics, selkd_predict)
 
@@ -36,11 +36,11 @@ __all__ += [
 ]
 
 # teacher assessment, transferability baselines, multi-teacher distillation (issue 5)
-from .assessment import (AssessmentResult, TeacherOutputs, assess_teachers, fit_linear_probe,
+from .assessment.score import (AssessmentResult, TeacherOutputs, assess_teachers, fit_linear_probe,
                          teacher_cost)
-from .metrics import (h_score, kendall, leep, logme, nce, pearson, ranking_quality, top1_regret,
+from .assessment.baselines import (h_score, kendall, leep, logme, nce, pearson, ranking_quality, top1_regret,
                       weighted_kendall)
-from .multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
+from .losses.multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
                             multi_teacher_sinkhorn_kd_loss)
 
 __all__ += [

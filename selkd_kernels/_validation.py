@@ -1,13 +1,15 @@
-"""Argument checks shared by every public entry point (SPEC §8).
+"""Argument checks shared by every public entry point, and the package's compute-dtype rule.
 
 Each check raises ``ValueError`` whose message starts with the argument's name, so a user reading
-the traceback knows which argument to fix without reading our code.
+the traceback knows which argument to fix without reading our code. Numbers may be Python or
+NumPy scalars (anything :class:`numbers.Real`, bools excepted); labels may be any integer dtype.
 """
 from __future__ import annotations
 
 import math
 import numbers
 
+import numpy as np
 import torch
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,8 +29,12 @@ def check_tensor(name: str, x, ndims: tuple[int, ...]) -> torch.Tensor:
     return x
 
 
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
 def check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not _is_real(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or value <= 0:
@@ -37,14 +43,13 @@ def check_positive(name: str, value) -> float:
 
 
 def check_nonnegative(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or \
-            not math.isfinite(float(value)) or value < 0:
+    if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
 
 def check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     return int(value)
 
@@ -83,6 +88,40 @@ def check_ot_shapes(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor,
     if tuple(cost.shape) != want:
         raise ValueError(f"{cost_name} must have shape {want} to match {a_name} {tuple(a.shape)} and "
                          f"{b_name} {tuple(b.shape)}, got {tuple(cost.shape)}")
+
+
+def check_fraction(name: str, value) -> float:
+    """A number strictly between 0 and 1."""
+    if not _is_real(value) or not 0 < float(value) < 1:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def check_labels(name: str, labels, *, n: int | None = None, num_classes: int | None = None,
+                 device: torch.device | None = None, rows_of: str = "the batch") -> torch.Tensor:
+    """A 1-D tensor of integer class indices (any integer dtype), as int64.
+
+    ``n``: required length (``rows_of`` names what it must match, for the message);
+    ``num_classes``: indices must lie in ``[0, num_classes)`` (checked on the values, one device
+    synchronisation; skipped while ``torch.compile`` traces, where the value is not known);
+    ``device``: the tensor must live there.
+    """
+    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D tensor of class indices, got "
+                         f"{getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"{name} must hold integer class indices, got {labels.dtype}")
+    if n is not None and labels.shape[0] != n:
+        raise ValueError(f"{name} has {labels.shape[0]} entries but {rows_of} has {n} rows")
+    if device is not None and labels.device != device:
+        raise ValueError(f"{name} is on {labels.device} but the other inputs are on {device}")
+    labels = labels.long()
+    if num_classes is not None and labels.numel() and not torch.compiler.is_compiling():
+        lo, hi = (int(v) for v in torch.stack([labels.min(), labels.max()]).tolist())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"{name} must lie in [0, {num_classes}), got values in "
+                             f"[{lo}, {hi}]")
+    return labels
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:

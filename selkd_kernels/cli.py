@@ -6,8 +6,8 @@ import importlib
 import sys
 
 _COMMANDS = {
-    "demo": ("selkd_kernels.demo", "teacher assessment and cross-task distillation, end to end"),
-    "bench": ("selkd_kernels.bench", "benchmark every backend against the references"),
+    "demo": ("selkd_kernels.apps.demo", "teacher assessment and cross-task distillation, end to end"),
+    "bench": ("selkd_kernels.benchmarking.cli", "benchmark every backend against the references"),
 }
 
 

@@ -1,5 +1,5 @@
 """Ground-cost construction between a teacher's and a student's class sets (paper 1, Sec. 4.1,
-Eq. 6-8; ablations of Table 8; SPEC §4).
+Eq. 6-8; ablations of Table 8; docs/cost.md).
 
 * Student class centres: the mean teacher embedding of each student class (Eq. 6),
   :func:`class_centers`.
@@ -23,20 +23,6 @@ from . import _validation as V
 _NORMALISATIONS = {None, "max", "mean", "median"}
 
 
-def _check_labels(name, labels, n, num_classes, device):
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-        raise ValueError(f"{name} must be a 1-D tensor of class indices")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer class indices, got {labels.dtype}")
-    if labels.shape[0] != n:
-        raise ValueError(f"{name} has {labels.shape[0]} entries but features has {n} rows")
-    if labels.device != device:
-        raise ValueError(f"{name} is on {labels.device} but features is on {device}")
-    if n and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got values in "
-                         f"[{int(labels.min())}, {int(labels.max())}]")
-
-
 def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """Mean feature of each class (paper 1, Eq. 6): ``e_n = mean_{i: y_i = n} phi(x_i)``.
 
@@ -49,7 +35,8 @@ def class_centers(features: torch.Tensor, labels: torch.Tensor, num_classes: int
     """
     V.check_tensor("features", features, (2,))
     num_classes = V.check_positive_int("num_classes", num_classes)
-    _check_labels("labels", labels, features.shape[0], num_classes, features.device)
+    labels = V.check_labels("labels", labels, n=features.shape[0], num_classes=num_classes,
+                            device=features.device, rows_of="features")
     acc_dtype = torch.float64 if features.dtype == torch.float64 else torch.float32
     sums = torch.zeros(num_classes, features.shape[1], dtype=acc_dtype, device=features.device)
     sums.index_add_(0, labels.long(), features.to(acc_dtype))

@@ -1,6 +1,6 @@
 import os
 
-# Triton kernels must see the interpreter flag before they are defined (SPEC §9): without a GPU,
+# Triton kernels must see the interpreter flag before they are defined (docs/backends.md): without a GPU,
 # run them on CPU tensors through the interpreter.
 try:
     import torch as _torch

@@ -1,4 +1,4 @@
-"""Every bad input of SPEC §8 raises ValueError naming the argument."""
+"""Every bad input listed in docs/guarantees.md raises ValueError naming the argument."""
 import pytest
 import torch
 

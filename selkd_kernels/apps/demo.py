@@ -1,6 +1,6 @@
 r"""``selkd demo``: teacher assessment and cross-task distillation, end to end (paper 1, Sec. 6).
 
-1. Build (or load from the cache) the model zoo of :mod:`selkd_kernels.zoo`: teachers of two MLP
+1. Build (or load from the cache) the model zoo of :mod:`selkd_kernels.apps.zoo`: teachers of two MLP
    families on every class window of the double sliding-window protocol.
 2. Ground truth: for every target task and teacher, the test accuracy of a student distilled with
    :class:`selkd_kernels.SinkhornKDLoss` (plus students trained without a teacher).
@@ -30,9 +30,9 @@ from typing import List
 import numpy as np
 import torch
 
-from . import metrics as MT
-from .assessment import assess_teachers
-from .multi_teacher import MultiTeacherSinkhornKDLoss
+from ..assessment import baselines as MT
+from ..assessment.score import assess_teachers
+from ..losses.multi_teacher import MultiTeacherSinkhornKDLoss
 from .zoo import DATASETS, MLP, ZooConfig, _accuracy, _train, build_zoo, save_zoo
 
 BASELINES = ("NCE", "LEEP", "LogME", "H-score")
@@ -77,7 +77,7 @@ def _nmi_table(zoo, tasks, progress):
     super-classes (synthetic data only)."""
     from sklearn.cluster import KMeans
     from sklearn.metrics import normalized_mutual_info_score
-    from .cost import class_centers
+    from ..cost import class_centers
     sup = zoo.data.superclass
     h0 = 0
     rows = []

@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .assessment import TeacherOutputs, teacher_cost
-from .cost import class_centers
-from .kd_loss import SinkhornKDLoss
+from ..assessment.score import TeacherOutputs, teacher_cost
+from ..cost import class_centers
+from ..losses.sinkhorn_kd import SinkhornKDLoss
 
 DATASETS = ("synthetic", "digits")
 _FORMAT = 1  # bump when the cached content changes meaning

@@ -1,5 +1,5 @@
 r"""Transferability baselines and ranking-quality measures for teacher assessment
-(paper 1, Sec. 6.2; SPEC §6).
+(paper 1, Sec. 6.2; docs/assessment.md).
 
 Baselines, each **higher is better** (the opposite of our Sinkhorn score, which is lower-better):
 

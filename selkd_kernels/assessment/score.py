@@ -1,4 +1,4 @@
-r"""Teacher assessment by the Sinkhorn distance (paper 1, Sec. 5, Eq. 24, Alg. 4; SPEC §6).
+r"""Teacher assessment by the Sinkhorn distance (paper 1, Sec. 5, Eq. 24, Alg. 4; docs/assessment.md).
 
 For every teacher ``h`` of a repository, with its embedding ``phi_h`` and logits ``f_h`` on the
 target training set ``{(x_i, y_i)}``::
@@ -27,9 +27,9 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import _validation as V
-from .cost import class_centers, euclidean_cost, normalize_cost, teacher_class_centers
-from .sinkhorn import sinkhorn
+from .. import _validation as V
+from ..cost import class_centers, euclidean_cost, normalize_cost, teacher_class_centers
+from ..ops.sinkhorn.api import sinkhorn
 
 _METHODS = {"approx2", "approx1", "exact"}
 
@@ -113,19 +113,11 @@ class AssessmentResult:
 
 
 def _check_labels(labels, n, num_classes):
-    if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-        raise ValueError("labels must be a 1-D tensor of class indices")
-    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
-        raise ValueError(f"labels must hold integer class indices, got {labels.dtype}")
-    if labels.shape[0] != n:
-        raise ValueError(f"labels has {labels.shape[0]} entries but the teachers' outputs have "
-                         f"{n} rows")
+    labels = V.check_labels("labels", labels, n=n, rows_of="the teachers' outputs")
     if num_classes is None:
         num_classes = int(labels.max()) + 1
     num_classes = V.check_positive_int("num_classes", num_classes)
-    if int(labels.min()) < 0 or int(labels.max()) >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes})")
-    return labels.long(), num_classes
+    return V.check_labels("labels", labels, num_classes=num_classes), num_classes
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -144,8 +136,7 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     """
     V.check_tensor("features", features, (2,))
     labels, num_classes = _check_labels(labels, features.shape[0], num_classes)
-    if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    weight_decay = V.check_nonnegative("weight_decay", weight_decay)
     max_iter = V.check_positive_int("max_iter", max_iter)
     x = features.detach().to(torch.float64)
     if standardize:

@@ -1,7 +1,7 @@
-"""Benchmark harness: canonical workloads and sweeps (SPEC §10), providers for every
+"""Benchmark harness: canonical workloads and sweeps (docs/benchmarks.md), providers for every
 implementation under comparison, a timer with robust statistics, and result reports.
 
-The ``selkd bench`` command (:mod:`selkd_kernels.bench`) and the pytest-benchmark suite in
+The ``selkd bench`` command (:mod:`selkd_kernels.benchmarking.cli`) and the pytest-benchmark suite in
 ``benchmarks/`` are both thin layers over this package, so they time the same calls.
 """
 from .providers import (ALL_OPS, OPS_BY_KIND, Context, NotApplicable, Prepared, Provider,

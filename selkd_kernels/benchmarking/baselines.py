@@ -1,8 +1,8 @@
 """Baselines written the way a PyTorch or POT user would write them without this package.
 
-They solve exactly the problems of :mod:`selkd_kernels.sinkhorn_reference` and of SPEC §7 (same
+They solve exactly the problems of :mod:`selkd_kernels.ops.sinkhorn.reference` and :mod:`selkd_kernels.ops.partial_ot.reference` (same
 iteration order, same starting point, same reported value), so a timing ratio against them
-compares implementations, not problems. The loss uses the primal identity of SPEC §2,
+compares implementations, not problems. The loss uses the primal identity of docs/ops/sinkhorn.md,
 ``<alpha, r> + <beta, b> - eps * sum(r)``, which is the entropic objective of the final plan.
 """
 from __future__ import annotations
@@ -98,7 +98,7 @@ def pot_loop_rows(a_np: np.ndarray, b_np: np.ndarray, cost_t_np: np.ndarray, eps
     return out
 
 
-# ----------------------------------------------------------------------------- partial OT (SPEC §7)
+# ----------------------------------------------------------------------------- partial OT (docs/ops/partial_ot.md)
 
 def plain_partial_exact(scores, gamma: float, eps: float) -> torch.Tensor:
     """Exact KL projection of exp(Z/eps) onto {P 1 <= 1, 1^T P 1 = gamma} by the sorted closed form.
@@ -134,7 +134,7 @@ def plain_partial_bregman(scores, gamma: float, eps: float, n_rounds: int) -> to
 
 def plain_open_set_loss(coupling, student_scores, teacher_scores, target,
                         weight: float) -> torch.Tensor:
-    """Open-set SelKD loss of SPEC §7, ``(CE(Y | P_S) - weight * sum P_T log P_S) / m``, with
+    """Open-set SelKD loss (paper 2, Eq. 14), ``(CE(Y | P_S) - weight * sum P_T log P_S) / m``, with
     ``log P_S`` taken of the coupling itself, as a user without a log-domain coupling would."""
     with torch.no_grad():
         P_t = coupling(teacher_scores)

@@ -1,5 +1,5 @@
 """``selkd bench``: time every implementation of the package's ops against the pure-PyTorch
-reference (eager and compiled), plain PyTorch loops and POT, on the workloads of SPEC §10.
+reference (eager and compiled), plain PyTorch loops and POT, on the workloads of docs/benchmarks.md.
 
 Examples::
 
@@ -22,11 +22,11 @@ from pathlib import Path
 
 import torch
 
-from .benchmarking import environment, report
-from .benchmarking.providers import ALL_OPS, providers_for
-from .benchmarking.runner import (AGREEMENT_RTOL, RunConfig, Runner, points_for_sweep,
+from . import environment, report
+from .providers import ALL_OPS, providers_for
+from .runner import (AGREEMENT_RTOL, RunConfig, Runner, points_for_sweep,
                                   points_for_workloads)
-from .benchmarking.workloads import (DEFAULT_WORKLOADS, QUICK_DEFAULT_WORKLOADS, SWEEPS,
+from .workloads import (DEFAULT_WORKLOADS, QUICK_DEFAULT_WORKLOADS, SWEEPS,
                                      WORKLOADS, resolve_workloads)
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -60,7 +60,7 @@ def git_commit() -> dict:
 def cpp_vector_bits() -> Optional[int]:
     """Vector width of the cpp backend's shared-cost solve here (None without the extension)."""
     try:
-        from .. import sinkhorn_cpp
+        from ..ops.sinkhorn import cpp as sinkhorn_cpp
     except ImportError:
         return None
     return sinkhorn_cpp.vector_bits()

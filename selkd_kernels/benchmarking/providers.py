@@ -2,11 +2,11 @@
 
 Ops:
 
-* ``sinkhorn``: batched solve of SPEC §2 on the workload's marginals; value = mean loss.
+* ``sinkhorn``: batched solve of docs/ops/sinkhorn.md on the workload's marginals; value = mean loss.
 * ``kd-forward``: fused KD loss forward in a training step (student logits require grad, so
   implementations that differentiate through the iterations record their graph); value = loss.
 * ``kd-forward-backward``: the same plus ``loss.backward()``.
-* ``partial-ot``: open-set coupling (SPEC §7), exact projection or Bregman rounds;
+* ``partial-ot``: open-set coupling (docs/ops/partial_ot.md), exact projection or Bregman rounds;
   value = ``sum(P * probe)`` for a fixed random probe, which tells couplings apart.
 * ``open-set-loss``: ``sk.open_set_selkd_loss`` (teacher and student couplings, CE and
   distillation terms), forward+backward.
@@ -19,7 +19,7 @@ Providers of one family:
   to 256-bit vectors, to show what the 512-bit build adds.
 * ``reference``: the public API with ``backend="torch"`` (the pure-PyTorch reference),
   ``reference:compiled`` the reference solve under ``torch.compile``, ``reference:unrolled`` the
-  KD loss with autograd through the iterations (SPEC §3's comparison mode).
+  KD loss with autograd through the iterations (the comparison mode of docs/ops/sinkhorn.md).
 * ``plain:scaling`` / ``plain:log``: batched PyTorch loops as a user would write them.
 * ``pot:batch`` / ``pot:loop``: POT's batched solver and ``ot.sinkhorn`` per problem.
 
@@ -29,8 +29,6 @@ Partial-OT and assessment providers exist only when the package exposes ``sk.par
 from __future__ import annotations
 
 import functools
-import importlib
-import inspect
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -38,8 +36,10 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from .. import backends as _backends
-from .. import sinkhorn_reference as _ref
+from ..ops.partial_ot import dispatch as _partial_dispatch
+from ..ops.registry import BACKEND_NAMES
+from ..ops.sinkhorn import dispatch as _sinkhorn_dispatch
+from ..ops.sinkhorn import reference as _ref
 from . import baselines as BL
 from .environment import cpp_vector_bits
 from .workloads import Workload
@@ -48,7 +48,7 @@ OT_OPS = ("sinkhorn", "kd-forward", "kd-forward-backward")
 OPEN_SET_OPS = ("partial-ot", "open-set-loss")
 ALL_OPS = OT_OPS + OPEN_SET_OPS + ("assessment",)
 OPS_BY_KIND = {"ot": OT_OPS, "open-set": OPEN_SET_OPS, "assessment": ("assessment",)}
-COMPILED_BACKENDS = tuple(b for b in _backends.BACKEND_NAMES if b != "torch")
+COMPILED_BACKENDS = tuple(b for b in BACKEND_NAMES if b != "torch")
 
 
 class NotApplicable(Exception):
@@ -126,11 +126,15 @@ def _compile(fn, ctx: Context):
 
 # ----------------------------------------------------------------------------- backend status
 
-def backend_status(name: str, device: torch.device) -> tuple[Optional[str], Optional[str]]:
-    """(unavailable reason, untimed reason) of a package backend on ``device``."""
-    if name not in _backends.available_backends():
-        return (_backends.unavailable_reason(name) or "not built"), None
-    if name not in _backends.available_backends(device):
+def backend_status(name: str, device: torch.device, registry=None
+                   ) -> tuple[Optional[str], Optional[str]]:
+    """(unavailable reason, untimed reason) of a package backend of one op's ``registry``
+    (Sinkhorn's by default) on ``device``."""
+    registry = registry or _sinkhorn_dispatch.REGISTRY
+    reason = registry.unavailable_reason(name)
+    if reason is not None:
+        return reason, None
+    if name not in registry.available(device):
         return f"does not run on {device.type} tensors here", None
     if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
         return None, "Triton interpreter (TRITON_INTERPRET=1): correctness only, never timed"
@@ -191,7 +195,7 @@ class _CompiledReferenceBackend:
 
 def _prepare_compiled(op: str):
     def prepare(w: Workload, inp, ctx: Context) -> Prepared:
-        from ..kd_loss import SinkhornKDFunction
+        from ..losses.sinkhorn_kd import SinkhornKDFunction
 
         method = _method_for(w, inp)
         note = f"method={method}; backend={ctx.compile_backend}"
@@ -360,23 +364,6 @@ def ot_providers(op: str, device: torch.device) -> list[Provider]:
 OPEN_SET_WEIGHT = 1.0  # lambda of the open-set loss (Eq. 14); any fixed value compares alike
 
 
-def _partial_backend_status(name: str, device: torch.device):
-    """(unavailable, untimed) of a partial-OT backend, from the partial-OT module's own registry
-    (its set of kernels differs from Sinkhorn's)."""
-    try:
-        # the package namespace binds the name partial_ot to the function, not the module
-        resolve = importlib.import_module("selkd_kernels.partial_ot").get_partial_ot_backend
-    except (ImportError, AttributeError):
-        return backend_status(name, device) if name != "torch" else (None, None)
-    try:
-        resolve(name, device)
-    except ValueError as exc:
-        return str(exc), None
-    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
-        return None, "Triton interpreter (TRITON_INTERPRET=1): correctness only, never timed"
-    return None, None
-
-
 def _prepare_partial_selkd(backend: str, method: str, op: str):
     def prepare(w: Workload, inp, ctx: Context) -> Prepared:
         sk = _api()
@@ -385,13 +372,10 @@ def _prepare_partial_selkd(backend: str, method: str, op: str):
                 return sk.partial_ot(inp.student_scores, inp.gamma, eps=w.eps, method=method,
                                      n_iters=w.n_iters, backend=backend)
             return Prepared(fn, lambda P: float((P.detach().double() * inp.probe.double()).sum()))
-        loss_api = getattr(sk, "open_set_selkd_loss", None)
-        if loss_api is None:
-            raise NotApplicable("sk.open_set_selkd_loss is not in this build")
         zs = inp.student_scores.detach().clone().requires_grad_(True)
 
         def loss_fn():
-            return loss_api(zs, inp.teacher_scores, inp.target, gamma=inp.gamma, eps=w.eps,
+            return sk.open_set_selkd_loss(zs, inp.teacher_scores, inp.target, gamma=inp.gamma, eps=w.eps,
                             weight=OPEN_SET_WEIGHT, method=method, n_iters=w.n_iters,
                             backend=backend)
         return Prepared(_kd_fn(loss_fn, zs, True), _scalar, "sk.open_set_selkd_loss, fwd+bwd")
@@ -420,80 +404,50 @@ def _prepare_partial_plain(method: str, op: str):
 
 
 def open_set_providers(op: str, device: torch.device) -> list[Provider]:
-    sk = _api()
-    missing = None if getattr(sk, "partial_ot", None) is not None else \
-        "sk.partial_ot is not in this build"
     out = []
     for method in ("exact", "bregman"):
         ref_name = f"reference:{method}"
-        for be in _backends.BACKEND_NAMES:
+        for be in BACKEND_NAMES:
             name = ref_name if be == "torch" else f"selkd:{be}:{method}"
-            unavailable, untimed = (missing, None) if missing else \
-                _partial_backend_status(be, device)
+            unavailable, untimed = backend_status(be, device, _partial_dispatch.REGISTRY)
             out.append(Provider(name, "reference" if be == "torch" else "selkd", op,
                                 _prepare_partial_selkd(be, method, op),
                                 reference=None if be == "torch" else ref_name,
                                 unavailable=unavailable, untimed=untimed))
         out.append(Provider(f"plain:{method}", "plain", op, _prepare_partial_plain(method, op),
-                            reference=None if missing else ref_name))
+                            reference=ref_name))
     return out
 
 
 # ----------------------------------------------------------------------------- assessment
 
-def _teacher_outputs_cls():
-    sk = _api()
-    cls = getattr(sk, "TeacherOutputs", None)
-    if cls is None:
-        try:
-            from ..assessment import TeacherOutputs as cls
-        except ImportError:
-            cls = None
-    return cls
-
-
 def _prepare_assessment(backend: str):
     def prepare(w: Workload, inp, ctx: Context) -> Prepared:
-        fn_api = getattr(_api(), "assess_teachers")
-        cls = _teacher_outputs_cls()
-        if cls is None:
-            raise NotApplicable("sk.assess_teachers exists but TeacherOutputs was not found")
-        teachers = [cls(name=f"teacher{i}", features=f, logits=z, classifier_weight=W)
+        sk = _api()
+        teachers = [sk.TeacherOutputs(name=f"teacher{i}", features=f, logits=z,
+                                      classifier_weight=W)
                     for i, (f, z, W) in enumerate(zip(inp.features, inp.logits,
                                                       inp.classifier_weights))]
-        # fixed iteration count (tol=None) so backends do the same work; no inner progress bar
-        wanted = {"num_classes": inp.num_classes, "tau": w.tau, "eps": w.eps,
-                  "n_iters": w.n_iters, "tol": None, "backend": backend, "progress": False}
-        try:
-            params = inspect.signature(fn_api).parameters
-            kwargs = {k: v for k, v in wanted.items() if k in params}
-        except (TypeError, ValueError):
-            kwargs = {}
 
         def fn():
-            return fn_api(teachers, inp.labels, **kwargs)
+            # fixed iteration count (tol=None) so backends do the same work; no progress bar
+            return sk.assess_teachers(teachers, inp.labels, num_classes=inp.num_classes,
+                                      tau=w.tau, eps=w.eps, n_iters=w.n_iters, tol=None,
+                                      backend=backend, progress=False)
         return Prepared(fn, _assessment_value, f"{w.n_teachers} teachers, approx2 (fictitious "
                                                f"linear students); time is per teacher")
     return prepare
 
 
 def _assessment_value(out) -> float:
-    scores = getattr(out, "scores", None)
-    if scores is None and isinstance(out, dict):
-        scores = out.get("scores")
-    try:
-        return _scalar(torch.as_tensor(scores, dtype=torch.float64))
-    except (TypeError, ValueError, RuntimeError):
-        return float("nan")
+    return _scalar(torch.as_tensor(out.scores, dtype=torch.float64))
 
 
 def assessment_providers(op: str, device: torch.device) -> list[Provider]:
-    missing = None if getattr(_api(), "assess_teachers", None) is not None else \
-        "sk.assess_teachers is not in this build"
     out = [Provider("reference", "reference", op, _prepare_assessment("torch"), reference=None,
-                    unavailable=missing, tags={"per_teacher": True})]
+                    tags={"per_teacher": True})]
     for be in COMPILED_BACKENDS:
-        unavailable, untimed = (missing, None) if missing else backend_status(be, device)
+        unavailable, untimed = backend_status(be, device)
         out.append(Provider(f"selkd:{be}", "selkd", op, _prepare_assessment(be),
                             unavailable=unavailable, untimed=untimed, tags={"per_teacher": True}))
     return out

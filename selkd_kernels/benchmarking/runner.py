@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .. import sinkhorn_reference as _ref
+from ..ops.sinkhorn import reference as _ref
 from . import providers as P
 from .timer import Timer, TimingStats, measure_peak_memory
 from .workloads import QUICK_SWEEP_VALUES, Workload, make_inputs

@@ -1,4 +1,4 @@
-"""Benchmark problems: the canonical workloads of SPEC §10, the parameter sweeps, and the inputs
+"""Benchmark problems: the canonical workloads of docs/benchmarks.md, the parameter sweeps, and the inputs
 every provider of one workload shares.
 
 Inputs come from a seeded CPU generator and are then moved to the device, so every provider (and
@@ -69,7 +69,7 @@ WORKLOADS: dict[str, Workload] = {w.name: w for w in (
                          "exact projection / 10 Bregman rounds"),
     Workload("assessment", "assessment", 2048, 100, 10, 0.1, 50,
              description="teacher assessment: 2048 target samples, 10 target classes, "
-                         "teachers with 100 classes (not in SPEC §10; sized like a small "
+                         "teachers with 100 classes (not a canonical workload; sized like a small "
                          "transfer task)"),
 )}
 

@@ -21,8 +21,9 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from . import _validation as V
-from .kd_loss import sinkhorn_kd_loss
+from .. import _validation as V
+from ..ops.registry import check_backend_name
+from .sinkhorn_kd import sinkhorn_kd_loss
 
 
 def assessment_weights(scores, temperature: float = 0.1) -> torch.Tensor:
@@ -123,7 +124,7 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
         self.weight = V.check_nonnegative("weight", weight)
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.tol = V.check_optional_positive("tol", tol)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     @property
     def costs(self):
@@ -137,11 +138,9 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
             student_logits, teacher_logits, self.costs, self.teacher_weights, tau=self.tau,
             eps=self.eps, n_iters=self.n_iters, tol=self.tol, backend=self.backend)
         if target is not None:
-            if not isinstance(target, torch.Tensor) or target.dim() != 1 or \
-                    target.shape[0] != student_logits.shape[0] or target.dtype.is_floating_point:
-                raise ValueError(f"target must be a 1-D tensor of {student_logits.shape[0]} "
-                                 f"integer class indices")
-            loss = loss + F.cross_entropy(student_logits, target.long())
+            target = V.check_labels("target", target, n=student_logits.shape[0],
+                                    num_classes=student_logits.shape[1], rows_of="student_logits")
+            loss = loss + F.cross_entropy(student_logits, target)
         return loss
 
     def extra_repr(self):

@@ -1,4 +1,4 @@
-r"""Selective knowledge distillation losses, prediction and metrics (paper 2, Sec. 3.2; SPEC §7).
+r"""Selective knowledge distillation losses, prediction and metrics (paper 2, Sec. 3.2; docs/losses.md).
 
 A single teacher knows all N classes; a student learns only ``n`` selected ones
 (``selected_classes``, in the teacher's numbering; labels are given in that numbering too).
@@ -28,7 +28,7 @@ renormalised to 1, which removes the residual row-marginal error of the last ite
 last. The teacher's open-set logits are its ``n`` selected logits followed by
 ``eps * logsumexp(others / eps)``, so ``softmax(. / eps)`` of the open-set logits gives the "not
 selected" column exactly the teacher's total mass on the other classes at the coupling's
-temperature (with ``eps = 1`` this is SPEC §7's plain logsumexp). Labels outside the selection
+temperature (with ``eps = 1`` this is the plain logsumexp of docs/ops/partial_ot.md). Labels outside the selection
 map to "not selected".
 With ``gamma`` the number of selected samples in the batch (``gamma="labels"``) and both couplings
 from :func:`selkd_kernels.partial_ot` at the same ``eps``::
@@ -53,11 +53,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import _validation as V
-from . import partial_ot_reference as _ref
-from .partial_ot import (get_partial_ot_backend, partial_ot_log, resolve_gamma,
+from .. import _validation as V
+from ..ops.registry import check_backend_name
+from ..ops.partial_ot.dispatch import get_backend as get_partial_ot_backend
+from ..ops.partial_ot.api import (partial_ot_log, resolve_gamma,
                          validate_partial_ot_args)
-from .sinkhorn import sinkhorn
+from ..ops.sinkhorn.api import sinkhorn
 
 
 # ---- labels and logits -------------------------------------------------------------------------
@@ -75,12 +76,7 @@ def _check_selected(selected_classes) -> torch.Tensor:
 
 
 def _check_target(target, m: int) -> torch.Tensor:
-    if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.shape[0] != m:
-        raise ValueError(f"target must be a 1-D tensor of {m} class indices, got "
-                         f"{getattr(target, 'shape', type(target).__name__)}")
-    if target.dtype.is_floating_point or target.dtype == torch.bool or target.dtype.is_complex:
-        raise ValueError(f"target must hold integer class indices, got {target.dtype}")
-    return target.long()
+    return V.check_labels("target", target, n=m, rows_of="student_logits")
 
 
 def local_labels(target: torch.Tensor, selected_classes, *, open_set: bool) -> torch.Tensor:
@@ -90,7 +86,7 @@ def local_labels(target: torch.Tensor, selected_classes, *, open_set: bool) -> t
     when ``open_set``; in the closed set they are an error.
     """
     sel = _check_selected(selected_classes).to(target.device)
-    target = _check_target(target, target.shape[0] if isinstance(target, torch.Tensor) else 0)
+    target = V.check_labels("target", target)
     hit = target.unsqueeze(1) == sel.unsqueeze(0)
     found = hit.any(1)
     local = hit.long().argmax(1)
@@ -108,7 +104,7 @@ def open_set_teacher_logits(teacher_logits: torch.Tensor, selected_classes,
 
     ``softmax(result / T)`` equals the teacher's ``softmax(z / T)`` with all unselected classes
     merged into one column. The merge is exact only at the temperature it was made for, so the
-    open-set loss merges at its coupling's ``eps`` (``T = 1`` is SPEC §7's plain logsumexp).
+    open-set loss merges at its coupling's ``eps`` (``T = 1`` is the plain logsumexp of docs/ops/partial_ot.md).
     """
     temperature = V.check_positive("temperature", temperature)
     V.check_tensor("teacher_logits", teacher_logits, (2,))
@@ -192,8 +188,8 @@ class _OpenSetLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_scores, teacher_scores, target, backend, gamma, eps, lam, method,
                 n_iters):
-        loss, grad = backend.loss_forward(student_scores, teacher_scores, target, gamma, eps, lam,
-                                          method, n_iters)
+        loss, grad = backend.loss_forward(student_scores, teacher_scores, target, gamma=gamma,
+                                          eps=eps, lam=lam, method=method, n_iters=n_iters)
         ctx.save_for_backward(grad)
         ctx.in_dtype = student_scores.dtype
         return loss.to(student_scores.dtype)
@@ -229,15 +225,10 @@ def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels
     y = _check_target(target, m)
     if bool(((y < 0) | (y >= k)).any()):
         raise ValueError(f"target entries must be local labels in [0, {k - 1}]")
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-        raise ValueError(f"weight must be a number >= 0, got {weight!r}")
+    weight = V.check_nonnegative("weight", weight)
     gamma = resolve_gamma(gamma, m, y, k)
     be = get_partial_ot_backend(backend, student_scores.device, m)
     teacher_scores = teacher_scores.detach()
-    if be.name == "torch":
-        cd = V.compute_dtype(student_scores, teacher_scores)
-        return _ref.open_set_loss(student_scores.to(cd), teacher_scores.to(cd), y, gamma, eps,
-                                  float(weight), method, n_iters).to(student_scores.dtype)
     return _OpenSetLossFunction.apply(student_scores, teacher_scores, y, be, gamma, eps,
                                       float(weight), method, n_iters)
 
@@ -303,9 +294,7 @@ class SelKDLoss(torch.nn.Module):
         self.register_buffer("selected_classes", _check_selected(selected_classes).clone())
         self.open_set = bool(open_set)
         self.tau = V.check_positive("tau", tau)
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight < 0:
-            raise ValueError(f"weight must be a number >= 0, got {weight!r}")
-        self.weight = float(weight)
+        self.weight = V.check_nonnegative("weight", weight)
         self.tau_squared = bool(tau_squared)
         self.coupling = V.check_choice("coupling", coupling, {"softmax", "balanced"})
         self.sinkhorn_iters = V.check_positive_int("sinkhorn_iters", sinkhorn_iters)
@@ -315,7 +304,7 @@ class SelKDLoss(torch.nn.Module):
         self.gamma = gamma
         self.method = V.check_choice("method", method, {"exact", "bregman"})
         self.n_iters = V.check_positive_int("n_iters", n_iters)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
 
     @property
     def num_outputs(self) -> int:
@@ -416,7 +405,7 @@ def auroc(scores, positives) -> float:
 
 def selkd_metrics(pred: torch.Tensor, not_selected_score: Optional[torch.Tensor],
                   local_target: torch.Tensor, num_selected: int) -> dict:
-    """Open-set metrics of SPEC §7.
+    """Open-set metrics (docs/losses.md).
 
     Args:
         pred: (m,) predicted local classes, ``num_selected`` = "not selected".

@@ -1,10 +1,10 @@
-r"""Sinkhorn knowledge-distillation loss (paper 1, Eq. 10-12; SPEC §3, §5).
+r"""Sinkhorn knowledge-distillation loss (paper 1, Eq. 10-12; docs/ops/sinkhorn.md, docs/losses.md).
 
 For each row, ``p_T = softmax(z_T / tau)`` over the teacher's C_T classes, ``p_S = softmax(z_S / tau)``
 over the student's C_S classes and the loss is the Sinkhorn distance ``S_eps(p_T, p_S)`` with the
 (C_T, C_S) cost ``M`` (teacher = source ``a``, student = target ``b``).
 
-Gradients (envelope theorem, paper 1 Prop. 4.2 / Eq. 14-15, SPEC §3), from the converged potentials::
+Gradients (envelope theorem, paper 1 Prop. 4.2 / Eq. 14-15, docs/ops/sinkhorn.md), from the converged potentials::
 
     dS/dz_S = (beta  - <beta,  p_S>) * p_S / tau
     dS/dz_T = (alpha - <alpha, p_T>) * p_T / tau
@@ -22,9 +22,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from . import _validation as V
-from . import sinkhorn_reference as _ref
-from .backends import get_backend
+from .. import _validation as V
+from ..ops.registry import check_backend_name
+from ..ops.sinkhorn import reference as _ref
+from ..ops.sinkhorn.dispatch import get_backend
 
 _REDUCTIONS = {"mean", "sum", "none"}
 
@@ -103,8 +104,8 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         eps: entropic regularisation.
         n_iters, tol, check_every, method: as in :func:`selkd_kernels.sinkhorn`.
         reduction: "mean" (Eq. 11), "sum" or "none" (per-row losses).
-        backend: see :mod:`selkd_kernels.backends`.
-        grad: "envelope" (SPEC §3, the default) or "unrolled" (autograd through the reference
+        backend: see :mod:`selkd_kernels.ops.sinkhorn.dispatch`.
+        grad: "envelope" (docs/ops/sinkhorn.md, the default) or "unrolled" (autograd through the reference
             iterations; always runs the torch reference).
         return_stats: also return ``(iters, err)`` per row.
 
@@ -158,7 +159,7 @@ class SinkhornKDLoss(torch.nn.Module):
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.tol = V.check_optional_positive("tol", tol)
         self.check_every = V.check_positive_int("check_every", check_every)
-        self.backend = backend
+        self.backend = check_backend_name(backend)
         self.grad = V.check_choice("grad", grad, {"envelope", "unrolled"})
         self.register_buffer("cost", cost.detach().clone())
         self.last_iters: Optional[torch.Tensor] = None
@@ -172,13 +173,9 @@ class SinkhornKDLoss(torch.nn.Module):
         self.last_iters, self.last_err = iters, err
         loss = self.weight * s
         if target is not None:
-            if not isinstance(target, torch.Tensor) or target.dim() != 1 or \
-                    target.shape[0] != student_logits.shape[0]:
-                raise ValueError(f"target must be a 1-D tensor of {student_logits.shape[0]} class "
-                                 f"indices, got {getattr(target, 'shape', type(target))}")
-            if target.dtype not in (torch.int64, torch.int32, torch.uint8, torch.int16):
-                raise ValueError(f"target must hold integer class indices, got {target.dtype}")
-            loss = loss + F.cross_entropy(student_logits, target.long())
+            target = V.check_labels("target", target, n=student_logits.shape[0],
+                                    num_classes=student_logits.shape[1], rows_of="student_logits")
+            loss = loss + F.cross_entropy(student_logits, target)
         return loss
 
     def extra_repr(self):

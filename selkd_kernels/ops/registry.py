@@ -1,27 +1,21 @@
-"""The one place that decides which implementation runs (SPEC §8, issue "dispatch").
+"""Backend dispatch shared by every op: the one place that decides which implementation runs.
 
-A backend is an object with
+Every op (``ops/<op>/``) owns one :class:`BackendRegistry`, built in its ``dispatch`` module from
 
-* ``name``: "torch", "cpp", "triton" or "cuda";
-* ``supports(device) -> bool``: whether it can run on tensors of that device here and now;
-* ``solve(a, b, cost, *, eps, n_iters, tol, check_every, method) -> SolveOutput``;
-* ``kd_forward(student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol, check_every,
-  teacher_grad, method) -> KDForward``;
-* optionally ``marginal_flags(a, b, tol) -> (neg_a, neg_b, unbalanced) | None``: the input check of
-  ``sk.sinkhorn`` in one compiled pass (None where it does not apply; the torch check runs then)
+* a reference backend object (``name = "torch"``), always available;
+* the module path of each compiled backend; the module defines ``BACKEND``, an object with the
+  same methods as the reference backend (the op's protocol, written in its ``dispatch`` module);
+* the order in which ``backend="auto"`` tries them, per device type.
 
-with the semantics of :mod:`selkd_kernels.sinkhorn_reference` (same iteration order, same stopping
-schedule, same outputs). Inputs arrive validated; ``student_logits`` already carries the compute
-dtype for the reference, compiled backends may accept half inputs directly. ``method`` is a hint:
-the reference and the cpp backend honour it (it selects the standard-domain or the log-domain /
-stabilised iteration), other backends may ignore it.
+A backend object has ``name``, ``supports(device) -> bool`` (whether it runs on tensors of that
+device here and now), optionally ``max_rows`` (a kernel that holds the whole batch in one
+program), and the op's methods, all taking keyword arguments after the tensors. Inputs arrive
+validated; a backend returns results in the compute dtype (:func:`selkd_kernels._validation.
+compute_dtype`). A compiled backend whose module fails to import (extension not built, Triton
+missing) is unavailable, nothing more: ``"auto"`` falls back to the next entry with one warning
+per device type, an explicit name raises ``ValueError`` saying why.
 
-Compiled backends live in their own modules and are imported lazily; a module that fails to
-import (extension not built, Triton missing) makes that backend unavailable, nothing more.
-``backend="auto"`` takes the first available entry of :data:`AUTO_ORDER` for the device; the
-environment variable ``SELKD_BACKEND`` overrides ``"auto"``. The backends "auto" can pick on this
-machine are imported with the package (see :func:`_preload`), so that resolving a backend inside a
-``torch.compile``'d function is a dictionary lookup and not an import (a graph break).
+The environment variable ``SELKD_BACKEND`` forces the choice ``"auto"`` makes, for every op.
 """
 from __future__ import annotations
 
@@ -31,77 +25,43 @@ import warnings
 
 import torch
 
-from . import sinkhorn_reference as _ref
-
 ENV_VAR = "SELKD_BACKEND"
-BACKEND_NAMES = ("torch", "cpp", "triton", "cuda")
-
-# module that defines ``BACKEND`` for each compiled backend
-_MODULES = {
-    "cpp": "selkd_kernels.sinkhorn_cpp",
-    "triton": "selkd_kernels.sinkhorn_triton",
-    "cuda": "selkd_kernels.sinkhorn_cuda",
-}
-
-# fastest first, per device type
-AUTO_ORDER = {
-    "cpu": ("cpp", "torch"),
-    "cuda": ("triton", "cuda", "torch"),
-}
+BACKEND_NAMES = ("torch", "cpp", "triton")
 
 
-class TorchBackend:
-    name = "torch"
-
-    def supports(self, device: torch.device) -> bool:
-        return True
-
-    def solve(self, a, b, cost, *, eps, n_iters, tol, check_every, method="auto"):
-        cd = _ref_dtype(a, b, cost)
-        return _ref.solve(a.to(cd), b.to(cd), cost.to(cd), eps=eps, n_iters=n_iters, tol=tol,
-                          check_every=check_every, method=method)
-
-    def kd_forward(self, student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol,
-                   check_every, teacher_grad, method="auto"):
-        cd = _ref_dtype(student_logits, teacher_logits, cost)
-        return _ref.kd_forward(student_logits.to(cd), teacher_logits.to(cd), cost.to(cd), tau=tau,
-                               eps=eps, n_iters=n_iters, tol=tol, check_every=check_every,
-                               teacher_grad=teacher_grad, method=method)
-
-
-def _ref_dtype(*ts):
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+def check_backend_name(name) -> str:
+    """``name`` if it is ``"auto"`` or a known backend, else ValueError naming ``backend``."""
+    if not isinstance(name, str) or name not in ("auto", *BACKEND_NAMES):
+        raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {name!r}")
+    return name
 
 
 class BackendRegistry:
-    """Lazy loading, "auto" resolution and fallback warnings for one op's backends.
+    """Lazy loading, ``"auto"`` resolution and fallback warnings for one op's backends.
 
-    ``modules`` maps each compiled backend's name to the module that defines its ``BACKEND``;
-    ``auto_order`` lists names fastest first per device type; ``torch_backend`` is the reference,
-    always available. ``label`` names the op in messages (empty for Sinkhorn, the package's main
-    op). ``env_var``, when given, is read by "auto" to force a backend. A backend may declare
-    ``max_rows`` (a kernel that holds the whole batch in one program): "auto" then passes over it
-    for larger batches, and naming it explicitly for one raises ValueError.
+    Args:
+        op: the op's name, used in messages ("sinkhorn", "partial_ot").
+        modules: compiled backend name -> module that defines ``BACKEND``.
+        auto_order: device type -> backend names, fastest first, for ``"auto"``.
+        reference: the torch reference backend object.
     """
 
-    def __init__(self, modules, auto_order, torch_backend, *, label="", kind="Sinkhorn",
-                 env_var=None):
+    def __init__(self, op: str, modules: dict, auto_order: dict, reference):
+        self.op = op
         self.modules = dict(modules)
         self.auto_order = dict(auto_order)
-        self.label = label
-        self.kind = kind
-        self.env_var = env_var
-        self._loaded = {"torch": torch_backend}
+        self._loaded = {"torch": reference}
         self._failed: dict[str, str] = {}
         self._warned: set = set()
 
     def load(self, name: str):
+        """The backend object for ``name``, or None when it cannot be loaded here."""
         if name in self._loaded:
             return self._loaded[name]
         if name in self._failed:
             return None
         if name not in self.modules:
-            self._failed[name] = f"no {self.kind} kernel is written for backend {name!r}"
+            self._failed[name] = f"no {self.op} kernel is written for backend {name!r}"
             return None
         try:
             self._loaded[name] = importlib.import_module(self.modules[name]).BACKEND
@@ -116,83 +76,71 @@ class BackendRegistry:
         return self._failed.get(name)
 
     def available(self, device: str | torch.device | None = None) -> list[str]:
-        """Backends that load here, optionally only those that run on ``device``."""
+        """Backends that can run here: on ``device`` if given, else on any device of this
+        machine (CPU, plus CUDA when a GPU is visible)."""
+        devices = [torch.device(device)] if device is not None else _local_devices()
         out = []
         for name in BACKEND_NAMES:
             be = self.load(name)
-            if be is not None and (device is None or be.supports(torch.device(device))):
+            if be is not None and any(be.supports(d) for d in devices):
                 out.append(name)
         return out
+
+    def preload(self) -> None:
+        """Import the compiled backends ``"auto"`` can pick on this machine. Importing inside a
+        ``torch.compile``'d function is a graph break, so by the time a traced step resolves its
+        backend this must be a dictionary lookup."""
+        for dev in _local_devices():
+            for name in self.auto_order.get(dev.type, ()):
+                self.load(name)
 
     @staticmethod
     def _fits(be, rows) -> bool:
         limit = getattr(be, "max_rows", None)
         return rows is None or limit is None or rows <= limit
 
-    def resolve(self, name: str, device: torch.device, rows: int | None = None):
-        """The backend for ``name`` ("auto" or explicit) on ``device``, for a batch of ``rows``."""
+    def resolve(self, name: str, device: torch.device, rows: int | None = None,
+                rows_arg: str = "input"):
+        """The backend for ``name`` ("auto" or explicit) on ``device``, for a batch of ``rows``
+        (``rows_arg`` names the argument that has them, for the error message)."""
+        check_backend_name(name)
         if name == "auto":
-            forced = os.environ.get(self.env_var, "").strip().lower() if self.env_var else ""
+            forced = os.environ.get(ENV_VAR, "").strip().lower()
             if forced and forced != "auto":
                 if forced not in BACKEND_NAMES:
-                    raise ValueError(f"environment variable {self.env_var} must be one of "
+                    raise ValueError(f"environment variable {ENV_VAR} must be one of "
                                      f"{list(BACKEND_NAMES)} or 'auto', got {forced!r}")
-                return self.resolve(forced, device, rows)
-            for cand in self.auto_order.get(device.type, ("torch",)):
-                be = self.load(cand)
-                if be is not None and be.supports(device):
-                    if self._fits(be, rows):
-                        return be
-                    continue  # too many rows for this kernel: a size limit, not a missing backend
-                if cand != "torch" and (device.type, cand) not in self._warned:
-                    self._warned.add((device.type, cand))
-                    why = self._failed.get(cand, f"it does not run on {device.type} tensors here")
-                    prefix = "selkd_kernels" + (f".{self.label}" if self.label else "")
-                    warnings.warn(f"{prefix}: backend '{cand}' unavailable ({why}); "
-                                  f"falling back to the next choice", RuntimeWarning, stacklevel=4)
-            return self._loaded["torch"]
-        if name not in BACKEND_NAMES:
-            raise ValueError(f"backend must be one of {['auto', *BACKEND_NAMES]}, got {name!r}")
+                return self.resolve(forced, device, rows, rows_arg)
+            return self._auto(device, rows)
         be = self.load(name)
         if be is None:
-            where = f" for {self.label}" if self.label else ""
-            raise ValueError(f"backend {name!r} is not available{where} here: "
+            raise ValueError(f"backend {name!r} is not available for {self.op} here: "
                              f"{self._failed.get(name)}")
         if not be.supports(device):
-            raise ValueError(f"backend {name!r} cannot run on {device.type} tensors here")
+            raise ValueError(f"backend {name!r} cannot run {self.op} on {device.type} tensors "
+                             f"here")
         if not self._fits(be, rows):
-            raise ValueError(f"scores has {rows} rows but backend {name!r} handles at most "
-                             f"{be.max_rows} per batch; use backend='cpp' or 'torch'")
+            raise ValueError(f"{rows_arg} has {rows} rows but backend {name!r} handles at most "
+                             f"{be.max_rows} per call for {self.op}; use backend='auto'")
         return be
 
-
-SINKHORN = BackendRegistry(_MODULES, AUTO_ORDER, TorchBackend(), env_var=ENV_VAR)
-
-
-def unavailable_reason(name: str) -> str | None:
-    """Why a Sinkhorn backend cannot be loaded here (None when it loads)."""
-    return SINKHORN.unavailable_reason(name)
-
-
-def available_backends(device: str | torch.device | None = None) -> list[str]:
-    """Sinkhorn backends that load here, optionally only those that run on ``device``."""
-    return SINKHORN.available(device)
-
-
-def get_backend(name: str, device: torch.device):
-    """Resolve ``name`` ("auto" or an explicit backend) for tensors on ``device``."""
-    return SINKHORN.resolve(name, device)
+    def _auto(self, device: torch.device, rows):
+        for cand in self.auto_order.get(device.type, ("torch",)):
+            be = self.load(cand)
+            if be is not None and be.supports(device):
+                if self._fits(be, rows):
+                    return be
+                continue  # a size limit of that kernel, not a missing backend: no warning
+            if cand != "torch" and (device.type, cand) not in self._warned:
+                self._warned.add((device.type, cand))
+                why = self._failed.get(cand, f"it does not run on {device.type} tensors here")
+                warnings.warn(f"selkd_kernels.{self.op}: backend '{cand}' unavailable ({why}); "
+                              f"falling back to the next choice", RuntimeWarning, stacklevel=5)
+        return self._loaded["torch"]
 
 
-def _preload() -> None:
-    """Import, when the package is imported, the compiled backends that "auto" can pick on this
-    machine. Importing a module inside a ``torch.compile``'d function is a graph break, so by the
-    time a traced training step resolves its backend this must be a dictionary lookup."""
-    kinds = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for kind in kinds:
-        for name in AUTO_ORDER[kind]:
-            if name != "torch":
-                SINKHORN.load(name)
-
-
-_preload()
+def _local_devices() -> list[torch.device]:
+    devs = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devs.append(torch.device("cuda"))
+    return devs

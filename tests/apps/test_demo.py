@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from selkd_kernels import cli
-from selkd_kernels.demo import BASELINES, HIGHER_IS_BETTER, OURS, OURS_VARIANTS
+from selkd_kernels.apps.demo import BASELINES, HIGHER_IS_BETTER, OURS, OURS_VARIANTS
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def test_bad_arguments():
 
 
 def test_sliding_windows_and_config_validation():
-    from selkd_kernels.zoo import ZooConfig, sliding_windows
+    from selkd_kernels.apps.zoo import ZooConfig, sliding_windows
     w = sliding_windows(list(range(10)), 6, 1)
     assert len(w) == 5 and w[0] == [0, 1, 2, 3, 4, 5] and w[-1] == [4, 5, 6, 7, 8, 9]
     assert len(sliding_windows(list(range(40)), 20, 5)) == 5  # paper 1's 5 windows per family

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from selkd_kernels import metrics as M
+from selkd_kernels.assessment import baselines as M
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 import selkd_kernels as sk
-from selkd_kernels.assessment import TeacherOutputs, fit_linear_probe, teacher_cost
-from selkd_kernels.multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
+from selkd_kernels.assessment.score import TeacherOutputs, fit_linear_probe, teacher_cost
+from selkd_kernels.losses.multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
                                          multi_teacher_sinkhorn_kd_loss)
 
 

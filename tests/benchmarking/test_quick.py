@@ -11,7 +11,7 @@ import torch
 
 import selkd_kernels as sk
 from selkd_kernels import cli
-from selkd_kernels import sinkhorn_reference as ref
+from selkd_kernels.ops.sinkhorn import reference as ref
 from selkd_kernels.benchmarking import baselines as BL
 from selkd_kernels.benchmarking import providers as P
 from selkd_kernels.benchmarking.report import CSV_FIELDS

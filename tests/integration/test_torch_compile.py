@@ -1,6 +1,6 @@
 """torch.compile(fullgraph=True) traces a whole training step that uses the cpp backend.
 
-The ops carry fake kernels (selkd_kernels/sinkhorn_cpp.py) and the loss's autograd.Function only
+The ops carry fake kernels (selkd_kernels/ops/sinkhorn/cpp.py) and the loss's autograd.Function only
 scales stored gradients in backward, so Dynamo sees no graph break: forward, backward and the
 parameter update compile into one program. PyTorch's own optimizers insert a deliberate graph
 break in ``step()`` (torch/optim/optimizer.py, ``_use_grad``), so the step here updates parameters
@@ -14,7 +14,7 @@ import torch
 
 import selkd_kernels as sk
 
-pytest.importorskip("selkd_kernels.sinkhorn_cpp", reason="C++ extension selkd_kernels._C not built")
+pytest.importorskip("selkd_kernels.ops.sinkhorn.cpp", reason="C++ extension selkd_kernels._C not built")
 
 
 def _make(seed=0):

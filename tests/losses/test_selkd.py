@@ -1,4 +1,4 @@
-"""Selective KD losses (closed and open set), prediction and metrics (paper 2, SPEC §7)."""
+"""Selective KD losses (closed and open set), prediction and metrics (paper 2; docs/losses.md)."""
 import numpy as np
 import pytest
 import torch
@@ -48,7 +48,7 @@ def test_closed_set_teacher_gets_no_gradient_and_student_does():
 
 def test_balanced_coupling_matches_pot_and_marginals():
     ot = pytest.importorskip("ot")
-    from selkd_kernels.selkd_loss import balanced_teacher_coupling
+    from selkd_kernels.losses.selkd import balanced_teacher_coupling
     zs, zt, y = _batch(m=16, seed=3)
     y_loc = torch.tensor([SEL.index(int(c)) for c in y])
     tau = 2.0

@@ -1,4 +1,4 @@
-"""Sinkhorn KD loss: values, envelope gradients (SPEC §3) and the nn.Module (SPEC §5)."""
+"""Sinkhorn KD loss: values, envelope gradients (docs/ops/sinkhorn.md) and the nn.Module (docs/losses.md)."""
 import warnings
 
 import pytest

@@ -1,4 +1,4 @@
-"""Smoke run of the Selective KD recipe on scikit-learn's digits (python/selkd_digits.py)."""
+"""Smoke run of the Selective KD recipe on scikit-learn's digits (recipes/selkd_digits.py)."""
 import importlib.util
 import json
 import math
@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("sklearn")
 
-RECIPE = os.path.join(os.path.dirname(__file__), "..", "python", "selkd_digits.py")
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "selkd_digits.py")
 
 
 def test_quick_run_writes_table(tmp_path):

@@ -1,4 +1,4 @@
-r"""Open-set coupling of Selective KD: ``sk.partial_ot`` (paper 2, Eq. 12-14, Alg. 1; SPEC §7, §8).
+r"""Open-set coupling of Selective KD: ``sk.partial_ot`` (paper 2, Eq. 12-14, Alg. 1; docs/ops/partial_ot.md, docs/backends.md).
 
 For a batch of ``m`` samples with scores ``Z`` (m x k) the coupling is
 
@@ -6,14 +6,14 @@ For a batch of ``m`` samples with scores ``Z`` (m x k) the coupling is
           C = -Z, \quad U = \{P \ge 0 : P 1 \le 1,\ 1^\top P 1 = \gamma\}   \qquad (12, 14)
 
 with the entropy ``H(P) = -sum_ij P_ij (log P_ij - 1)`` (paper 2, Eq. 6), i.e. the KL projection
-of ``K = exp(Z / eps)`` onto ``U``. See :mod:`selkd_kernels.partial_ot_reference` for the maths of
+of ``K = exp(Z / eps)`` onto ``U``. See :mod:`selkd_kernels.ops.partial_ot.reference` for the maths of
 both methods and of the gradients.
 
 Backends (same names as Sinkhorn's): "torch" (the reference, autograd through the closed form),
 "cpp" (``csrc/partial_ot_cpu.cpp``), "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``).
 "auto" takes cpp on CPU when built, triton on CUDA, else torch. The compiled backends return
 ``log P`` together with the row log-masses; their backward is the closed form
-:func:`~selkd_kernels.partial_ot_reference.grad_scores`.
+:func:`~selkd_kernels.ops.partial_ot.reference.grad_scores`.
 """
 from __future__ import annotations
 
@@ -21,39 +21,16 @@ import numbers
 
 import torch
 
-from . import _validation as V
-from . import partial_ot_reference as _ref
-from .backends import BackendRegistry
+from ... import _validation as V
+from . import reference as _ref
+from .dispatch import available_backends, get_backend
 
 METHODS = _ref.METHODS
-_MODULES = {"cpp": "selkd_kernels.partial_ot_cpp", "triton": "selkd_kernels.partial_ot_triton"}
-AUTO_ORDER = {"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")}
-
-
-class _TorchBackend:
-    name = "torch"
-
-    def supports(self, device):
-        return True
-
-
-# No env_var: SELKD_BACKEND may name a Sinkhorn-only backend ("cuda") that partial OT lacks.
-_REGISTRY = BackendRegistry(_MODULES, AUTO_ORDER, _TorchBackend(), label="partial_ot",
-                            kind="partial-OT")
 
 
 def available_partial_ot_backends(device=None) -> list:
-    """Partial-OT backends that load here, optionally only those that run on ``device``."""
-    return _REGISTRY.available(device)
-
-
-def get_partial_ot_backend(name: str, device: torch.device, rows=None):
-    """Resolve ``backend`` ("auto" or an explicit name) for tensors on ``device``.
-
-    ``rows`` (the batch size m) lets "auto" skip a kernel that holds the whole batch in one
-    program and has a row limit (Triton).
-    """
-    return _REGISTRY.resolve(name, device, rows)
+    """Partial-OT backends that can run here, optionally only those that run on ``device``."""
+    return available_backends(device)
 
 
 def resolve_gamma(gamma, m: int, labels=None, num_columns=None) -> float:
@@ -106,7 +83,8 @@ class _PartialOTFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, scores, backend, gamma, eps, method, n_iters):
-        log_p, l, rho, sat = backend.coupling(scores, gamma, eps, method, n_iters)
+        log_p, l, rho, sat = backend.coupling(scores, gamma=gamma, eps=eps, method=method,
+                                               n_iters=n_iters)
         ctx.params = (gamma, eps, method, n_iters)
         ctx.in_dtype = scores.dtype
         ctx.save_for_backward(log_p, l, rho, sat if sat is not None else torch.empty(0))
@@ -155,14 +133,10 @@ def partial_ot(scores: torch.Tensor, gamma, *, eps: float = 1.0, method: str = "
     if labels is not None:
         V.check_same_device(scores=scores, labels=labels)
     log_p = partial_ot_log(scores, gamma, eps, method, n_iters,
-                           get_partial_ot_backend(backend, scores.device, m))
+                           get_backend(backend, scores.device, m))
     return log_p if log else torch.exp(log_p)
 
 
 def partial_ot_log(scores, gamma: float, eps: float, method: str, n_iters: int, be):
-    """``log P`` for validated arguments and a resolved backend object."""
-    if be.name == "torch":
-        cd = V.compute_dtype(scores)
-        log_p, _, _ = _ref.log_coupling(scores.to(cd), gamma, eps, method, n_iters)
-        return log_p.to(scores.dtype)
+    """``log P`` for validated arguments and a resolved backend object (differentiable)."""
     return _PartialOTFunction.apply(scores, be, gamma, eps, method, n_iters)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension
+from ... import _extension
+from ... import _validation as V
 
 _extension.require_ops("partial_ot_coupling", "partial_ot_loss")
 
@@ -36,28 +37,23 @@ def _register_fakes():
 _register_fakes()
 
 
-def _compute(x):
-    # the kernels accumulate in float32 or float64; half inputs are widened first
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 class PartialOTCppBackend:
     name = "cpp"
 
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 
-    def coupling(self, scores, gamma, eps, method, n_iters):
+    def coupling(self, scores, *, gamma, eps, method, n_iters):
         """``(log P, l, rho, sat)`` in the compute dtype (float32, or float64 for float64 input)."""
         log_p, l, rho, sat = torch.ops.selkd.partial_ot_coupling(
-            _compute(scores), float(gamma), float(eps), _METHOD_CODE[method], int(n_iters))
+            scores.to(V.compute_dtype(scores)), float(gamma), float(eps), _METHOD_CODE[method],
+            int(n_iters))
         return log_p, l, rho, (sat if method == "exact" else None)
 
-    def loss_forward(self, student_scores, teacher_scores, target, gamma, eps, lam, method,
+    def loss_forward(self, student_scores, teacher_scores, target, *, gamma, eps, lam, method,
                      n_iters):
         """Fused open-set loss and its gradient w.r.t. ``student_scores``."""
-        cd = torch.float64 if torch.float64 in (student_scores.dtype, teacher_scores.dtype) \
-            else torch.float32
+        cd = V.compute_dtype(student_scores, teacher_scores)
         return torch.ops.selkd.partial_ot_loss(student_scores.to(cd), teacher_scores.to(cd),
                                                target, float(gamma), float(eps), float(lam),
                                                _METHOD_CODE[method], int(n_iters))

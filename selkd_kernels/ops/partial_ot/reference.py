@@ -1,4 +1,4 @@
-r"""Pure-PyTorch reference for the open-set coupling of Selective KD (paper 2, Sec. 3.2.2; SPEC §7).
+r"""Pure-PyTorch reference for the open-set coupling of Selective KD (paper 2, Sec. 3.2.2; docs/ops/partial_ot.md).
 
 Problem (paper 2, Eq. 12 and 14). For a batch of ``m`` samples with scores ``Z`` (m x k, ``Z = -C``
 in the paper's notation, k = n + 1 with "not selected" last) and ``K = exp(Z / eps)``::
@@ -33,7 +33,7 @@ with the active set (which rows are saturated / clipped) held fixed, which is th
 everywhere except on the measure-zero boundaries where a row's mass is exactly 1. The same
 derivative in closed form (used by the compiled backends' backward) is :func:`grad_scores`.
 
-Open-set loss (paper 2, Eq. 14 with SPEC §7's normalisation)::
+Open-set loss (paper 2, Eq. 14 with the 1/m normalisation of docs/ops/partial_ot.md)::
 
     L = -(1/m) sum_ij (Y_ij + lam * P_T,ij) log P_S,ij
 

@@ -1,8 +1,8 @@
-r"""Triton backend for the open-set coupling of Selective KD (paper 2, Eq. 12-14; SPEC §7, §9).
+r"""Triton backend for the open-set coupling of Selective KD (paper 2, Eq. 12-14; docs/ops/partial_ot.md, docs/backends.md).
 
 One program handles the whole batch (one launch per batch): the (m, k) score tile, its row
 log-masses ``l_i = logsumexp_j(Z_ij/eps)`` and the 1-D map ``l -> rho`` (row log-masses of the
-coupling, see :mod:`selkd_kernels.partial_ot_reference`) all stay on chip.
+coupling, see :mod:`selkd_kernels.ops.partial_ot.reference`) all stay on chip.
 
 * ``exact``: instead of sorting, each row's rank in decreasing ``l`` is counted by comparing all
   pairs of rows of the block (ties broken by index, as a stable sort would). Candidate ``k = rank_i``
@@ -15,7 +15,7 @@ coupling, see :mod:`selkd_kernels.partial_ot_reference`) all stay on chip.
 
 The fused loss kernel computes the teacher and student couplings, the loss
 ``-(1/m) sum_ij (Y_ij + lam P_T,ij) log P_S,ij`` and its gradient w.r.t. the student scores
-(closed form of :func:`selkd_kernels.partial_ot_reference.grad_scores`) in the same program.
+(closed form of :func:`selkd_kernels.ops.partial_ot.reference.grad_scores`) in the same program.
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the test suite's mode).
 """
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from ... import _validation as V
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 _METHOD_CODE = {"exact": 0, "bregman": 1}
@@ -208,10 +210,6 @@ def _quiet():
     return np.errstate(all="ignore") if _INTERPRET else contextlib.nullcontext()
 
 
-def _compute_dtype(*ts):
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 class PartialOTTritonBackend:
     name = "triton"
     max_rows = MAX_ROWS
@@ -219,8 +217,8 @@ class PartialOTTritonBackend:
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda" or (_INTERPRET and device.type == "cpu")
 
-    def coupling(self, scores, gamma, eps, method, n_iters):
-        cd = _compute_dtype(scores)
+    def coupling(self, scores, *, gamma, eps, method, n_iters):
+        cd = V.compute_dtype(scores)
         z = scores.to(cd)
         m, k = z.shape
         block_m, block_k, num_warps = _launch_params(m, k)
@@ -236,9 +234,9 @@ class PartialOTTritonBackend:
                                    BLOCK_K=block_k, num_warps=num_warps)
         return log_p, l, rho, (sat.bool() if method == "exact" else None)
 
-    def loss_forward(self, student_scores, teacher_scores, target, gamma, eps, lam, method,
+    def loss_forward(self, student_scores, teacher_scores, target, *, gamma, eps, lam, method,
                      n_iters):
-        cd = _compute_dtype(student_scores, teacher_scores)
+        cd = V.compute_dtype(student_scores, teacher_scores)
         zs, zt = student_scores.to(cd), teacher_scores.to(cd)
         m, k = zs.shape
         block_m, block_k, num_warps = _launch_params(m, k)

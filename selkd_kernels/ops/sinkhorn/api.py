@@ -1,4 +1,4 @@
-"""Public batched Sinkhorn solve: ``sk.sinkhorn`` (SPEC §2, §8)."""
+"""Public batched Sinkhorn solve: ``sk.sinkhorn`` (docs/ops/sinkhorn.md, docs/backends.md)."""
 from __future__ import annotations
 
 import math
@@ -8,9 +8,9 @@ from typing import Optional
 
 import torch
 
-from . import _validation as V
-from . import sinkhorn_reference as _ref
-from .backends import get_backend
+from ... import _validation as V
+from . import reference as _ref
+from .dispatch import get_backend
 
 
 @dataclass
@@ -60,7 +60,7 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     by Sinkhorn's iteration from ``u = v = 1``: an alpha-update (``u <- a / K v``) then a beta-update
     (``v <- b / K^T u``), ``K = exp(-M/eps)``. The loss is the primal value of the plan after the
     last beta-update, ``<alpha, r> + <beta, b> - eps * sum(r)`` with ``r`` its row sums
-    (SPEC §2), which equals the dual value ``<alpha,a> + <beta,b> - eps`` at convergence.
+    (docs/ops/sinkhorn.md), which equals the dual value ``<alpha,a> + <beta,b> - eps`` at convergence.
 
     Args:
         a: (B, m) source marginals (rows sum to 1; zeros allowed).
@@ -73,7 +73,7 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
         method: reference only. ``"log"`` (log-domain LSE updates, never underflows),
             ``"standard"`` (scaling updates, two matrix products per iteration) or ``"auto"``:
             standard when ``(max M - min M)/eps`` is small enough for the dtype, else log.
-        backend: "auto", "torch", "cpp", "triton" or "cuda" (see :mod:`selkd_kernels.backends`).
+        backend: "auto", "torch", "cpp" or "triton" (see docs/backends.md).
         return_plan: also return the (B, m, n) plan (materialised; memory B*m*n).
         check_marginals: check (one device sync) that marginals are non-negative and that each
             row of ``a`` and ``b`` carries the same mass.
@@ -88,9 +88,7 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     eps, n_iters, tol, check_every = validate_ot_inputs(a, b, cost, eps, n_iters, tol,
                                                         check_every, method)
     if eps_scaling is not None:
-        if isinstance(eps_scaling, bool) or not isinstance(eps_scaling, (int, float)) or \
-                not 0 < eps_scaling < 1:
-            raise ValueError(f"eps_scaling must be a factor in (0, 1), got {eps_scaling!r}")
+        eps_scaling = V.check_fraction("eps_scaling", eps_scaling)
         scaling_iters = V.check_positive_int("scaling_iters", scaling_iters)
         if backend not in ("auto", "torch"):
             raise ValueError(f"backend {backend!r} does not implement eps_scaling; use "
@@ -124,7 +122,7 @@ def _check_marginals(a, b, be=None):
     fast = getattr(be, "marginal_flags", None)
     flags = None
     if fast is not None and not torch.compiler.is_compiling():
-        flags = fast(a, b, tol)
+        flags = fast(a, b, tol=tol)
     if flags is None:
         sa = a.sum(-1, dtype=torch.float64)
         sb = b.sum(-1, dtype=torch.float64)

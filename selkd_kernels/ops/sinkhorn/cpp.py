@@ -2,7 +2,7 @@ r"""C++ CPU backend (``backend="cpp"``) for the batched Sinkhorn solve and the f
 
 The ops ``selkd::sinkhorn_solve`` and ``selkd::sinkhorn_kd_forward`` live in
 ``csrc/sinkhorn_cpu.cpp`` and are compiled into ``selkd_kernels._C``. They follow
-:mod:`selkd_kernels.sinkhorn_reference` exactly: per row, the entropic OT problem (paper 1, Eq. 5
+:mod:`selkd_kernels.ops.sinkhorn.reference` exactly: per row, the entropic OT problem (paper 1, Eq. 5
 and 12; ``H(T) = -sum T (log T - 1)``)
 
     S_eps(a, b) = min_{T 1 = a, T^T 1 = b, T >= 0} <T, M> - eps H(T),
@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import torch
 
-from . import _extension
-from .sinkhorn_reference import KDForward, SolveOutput
+from ... import _extension
+from ... import _validation as V
+from .reference import KDForward, SolveOutput
 
 _extension.require_ops("sinkhorn_solve", "sinkhorn_kd_forward", "cpu_vector_bits",
                        "marginal_flags")
@@ -77,24 +78,20 @@ def vector_bits() -> int:
     return int(torch.ops.selkd.cpu_vector_bits())
 
 
-def _compute_dtype(*ts):
-    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
-
-
 def _tol_arg(tol):
     # the op encodes "no tolerance" as a non-positive value (validated tolerances are > 0)
     return -1.0 if tol is None else float(tol)
 
 
 class CppBackend:
-    """Backend object for :mod:`selkd_kernels.backends` (CPU tensors only)."""
+    """Backend object for :mod:`selkd_kernels.ops.sinkhorn.dispatch` (CPU tensors only)."""
 
     name = "cpp"
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cpu"
 
-    def marginal_flags(self, a, b, tol):
+    def marginal_flags(self, a, b, *, tol):
         """(a has a negative entry, b has one, some row's masses differ by more than ``tol``
         relative) in one C++ pass, or None where the op does not apply (other dtypes, devices)."""
         if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or \
@@ -104,7 +101,7 @@ class CppBackend:
         return bool(code & 1), bool(code & 2), bool(code & 4)
 
     def solve(self, a, b, cost, *, eps, n_iters, tol, check_every, method="auto"):
-        cd = _compute_dtype(a, b, cost)
+        cd = V.compute_dtype(a, b, cost)
         loss, alpha, beta, iters, err = torch.ops.selkd.sinkhorn_solve(
             a.to(cd), b.to(cd), cost.to(cd), float(eps), int(n_iters), _tol_arg(tol),
             int(check_every), _METHOD_CODE[method])
@@ -112,7 +109,7 @@ class CppBackend:
 
     def kd_forward(self, student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol,
                    check_every, teacher_grad, method="auto"):
-        cd = _compute_dtype(student_logits, teacher_logits, cost)
+        cd = V.compute_dtype(student_logits, teacher_logits, cost)
         loss, g_s, g_t, alpha, beta, iters, err = torch.ops.selkd.sinkhorn_kd_forward(
             student_logits.to(cd), teacher_logits.to(cd), cost.to(cd), float(tau), float(eps),
             int(n_iters), _tol_arg(tol), int(check_every), _METHOD_CODE[method],

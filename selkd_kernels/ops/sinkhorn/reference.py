@@ -1,4 +1,4 @@
-r"""Pure-PyTorch reference for batched entropic OT (SPEC §2-3). It defines the right answer for
+r"""Pure-PyTorch reference for batched entropic OT (docs/ops/sinkhorn.md). It defines the right answer for
 every compiled backend.
 
 Problem (paper 1, Eq. 5 and 12), per row of the batch::
@@ -125,7 +125,7 @@ def _iterate(step, state, marginal_err, n_iters, tol, check_every, B, device):
 
 
 def solve_log(a, b, cost, *, eps, n_iters, tol=None, check_every=10, init=None):
-    """Log-domain Sinkhorn (the update of SPEC §2 "log domain"). Autograd-friendly (no in-place).
+    """Log-domain Sinkhorn (the log-domain update of docs/ops/sinkhorn.md). Autograd-friendly (no in-place).
 
     ``init``: optional starting potentials ``(alpha, beta)`` (warm start, used by eps-scaling)."""
     B, m = a.shape
@@ -257,7 +257,7 @@ def transport_plan(alpha, beta, cost, eps):
 
 def plan_weighted_sum(alpha, beta, cost, eps, weights, chunk_elems=1 << 24):
     """``sum_b weights_b T_b`` (m, n) for a shared cost, in chunks of rows so memory stays bounded:
-    the gradient of ``sum_b weights_b S_b`` w.r.t. a shared cost (dS/dM = T, SPEC §3)."""
+    the gradient of ``sum_b weights_b S_b`` w.r.t. a shared cost (dS/dM = T, docs/ops/sinkhorn.md)."""
     B, m = alpha.shape
     n = beta.shape[1]
     step = max(1, chunk_elems // max(1, m * n))
@@ -278,7 +278,7 @@ def softmax_envelope_grad(potential, p, tau):
 def kd_forward(student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol=None,
                check_every=10, teacher_grad=False, method="auto"):
     """Reference fused KD forward: temperature softmaxes (Eq. 10), Sinkhorn distance (Eq. 12) with
-    the teacher as source ``a`` and the student as target ``b``, and the envelope gradients (SPEC §3)."""
+    the teacher as source ``a`` and the student as target ``b``, and the envelope gradients (docs/ops/sinkhorn.md)."""
     cd = student_logits.dtype
     p_t = torch.softmax(teacher_logits.to(cd) / tau, dim=-1)
     p_s = torch.softmax(student_logits / tau, dim=-1)

@@ -1,6 +1,6 @@
 r"""Triton backend (``backend="triton"``): the whole batched Sinkhorn solve in one kernel launch.
 
-Mathematics (identical to :mod:`selkd_kernels.sinkhorn_reference`, which defines the right answer)
+Mathematics (identical to :mod:`selkd_kernels.ops.sinkhorn.reference`, which defines the right answer)
 ---------------------------------------------------------------------------------------------------
 For every row of the batch we solve the entropic OT problem of paper 1, Eq. (5) / (12)::
 
@@ -24,7 +24,7 @@ the ``log2(e)/eps`` factor folded into the cost once, instead of a multiply per 
 factor and its inverse ``eps ln 2`` live in a small tensor of the compute dtype (not kernel scalars,
 which Triton would pass as float32 and so spoil float64 runs).
 
-Reported quantities (SPEC §2). With ``r_i = exp2(f_i + LSE2_j(g_j - C_ij))`` the row sums of the
+Reported quantities (docs/ops/sinkhorn.md). With ``r_i = exp2(f_i + LSE2_j(g_j - C_ij))`` the row sums of the
 plan after the last beta-update::
 
     loss = <alpha, r> + <beta, b> - eps * sum(r)         (primal value <T,M> - eps H(T))
@@ -43,7 +43,7 @@ after the solve the same kernel writes the envelope gradients::
     dS/dz_S = (beta  - <beta,  p_S>) p_S / tau,     dS/dz_T = (alpha - <alpha, p_T>) p_T / tau
 
 (entries with p = 0 take and give nothing). ``alpha`` and ``beta`` are returned too: the cost
-gradient ``dS/dM = T`` is formed from them by :class:`selkd_kernels.kd_loss.SinkhornKDFunction`.
+gradient ``dS/dM = T`` is formed from them by :class:`selkd_kernels.losses.sinkhorn_kd.SinkhornKDFunction`.
 
 Kernel layout
 -------------
@@ -69,7 +69,7 @@ Inputs of dtype float16 / bfloat16 / float32 are computed in float32; any float6
 computation float64 (Triton's exp2/log2 handle float64), matching the reference backend.
 
 Running without a GPU: with ``TRITON_INTERPRET=1`` in the environment before this module is
-imported, the kernels run in Triton's interpreter on CPU tensors (SPEC §9); :meth:`supports` then
+imported, the kernels run in Triton's interpreter on CPU tensors (docs/backends.md); :meth:`supports` then
 accepts CPU devices. The interpreter is slow -- fine for tests, not for training.
 """
 from __future__ import annotations
@@ -84,9 +84,10 @@ try:
     import triton
     import triton.language as tl
 except Exception as exc:  # Triton is optional: the registry reports this backend as unavailable
-    raise ImportError(f"selkd_kernels.sinkhorn_triton needs Triton: {exc}") from exc
+    raise ImportError(f"selkd_kernels.ops.sinkhorn.triton needs Triton: {exc}") from exc
 
-from .sinkhorn_reference import KDForward, SolveOutput
+from ... import _validation as V
+from .reference import KDForward, SolveOutput
 
 # Largest padded m*n kept in registers by the resident kernel. A 128 x 128 float32 tile is 64 KiB,
 # 64 values per thread at 8 warps, plus one temporary of the same size during each LSE.
@@ -514,7 +515,7 @@ def _rows_per_program(B: int, device: torch.device) -> int:
 def _launch(a, b, cost, *, eps, n_iters, tol, check_every, kd, tau=1.0, teacher_grad=False,
             resident_max_elems=None, block_m=None, block_n=None):
     """One launch; returns (loss, alpha, beta, iters, err, grad_t, grad_s) in the compute dtype."""
-    cd = torch.float64 if torch.float64 in (a.dtype, b.dtype, cost.dtype) else torch.float32
+    cd = V.compute_dtype(a, b, cost)
     dev = a.device
     B, m = a.shape
     n = b.shape[1]
@@ -557,7 +558,7 @@ def _launch(a, b, cost, *, eps, n_iters, tol, check_every, kd, tau=1.0, teacher_
 
 
 class TritonBackend:
-    """Registry entry ``"triton"`` (see :mod:`selkd_kernels.backends`).
+    """Registry entry ``"triton"`` (see :mod:`selkd_kernels.ops.sinkhorn.dispatch`).
 
     ``resident_max_elems``, ``block_m`` and ``block_n`` override the kernel choice and the streamed
     tile (tests use them to reach the streamed kernel with small class counts).

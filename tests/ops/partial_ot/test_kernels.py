@@ -1,15 +1,14 @@
 """Compiled partial-OT backends (C++ CPU, Triton; Triton through TRITON_INTERPRET=1 without a GPU)
 against the PyTorch reference: coupling, fused open-set loss, gradients."""
-import importlib
 
 import pytest
 import torch
 
 import selkd_kernels as sk
-from selkd_kernels import partial_ot_reference as R
+from selkd_kernels.ops.partial_ot import reference as R
 
 # the package exports a function named partial_ot, which shadows the submodule attribute
-PO = importlib.import_module("selkd_kernels.partial_ot")
+from selkd_kernels.ops.partial_ot import dispatch as PO  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 KERNELS = [b for b in ("cpp", "triton") if b in sk.available_partial_ot_backends(DEVICE)]
@@ -40,10 +39,10 @@ def _gammas(m):
 @pytest.mark.parametrize("method", ["exact", "bregman"])
 @pytest.mark.parametrize("m,k", SHAPES)
 def test_coupling_matches_reference(backend, dtype, method, m, k):
-    be = PO.get_partial_ot_backend(backend, torch.device(DEVICE))
+    be = PO.get_backend(backend, torch.device(DEVICE))
     for i, gamma in enumerate(_gammas(m)):
         z = _scores(m, k, dtype, seed=m * 31 + k + i, noncontig=(i % 2 == 1))
-        log_p, l, rho, sat = be.coupling(z, gamma, 0.7, method, 5)
+        log_p, l, rho, sat = be.coupling(z, gamma=gamma, eps=0.7, method=method, n_iters=5)
         want, rho_r, sat_r = R.log_coupling(z.double(), gamma, 0.7, method, 5)
         torch.testing.assert_close(log_p.double(), want, **TOL[dtype])
         torch.testing.assert_close(rho.double(), rho_r, **TOL[dtype])
@@ -61,12 +60,12 @@ def test_coupling_matches_reference(backend, dtype, method, m, k):
 @pytest.mark.parametrize("method", ["exact", "bregman"])
 @pytest.mark.parametrize("m,k", [(1, 1), (6, 2), (17, 5), (40, 21)])
 def test_fused_loss_and_gradient_match_reference(backend, dtype, method, m, k):
-    be = PO.get_partial_ot_backend(backend, torch.device(DEVICE))
+    be = PO.get_backend(backend, torch.device(DEVICE))
     for i, gamma in enumerate(_gammas(m)[:2] if m > 1 else [0.6]):
         zs = _scores(m, k, dtype, seed=7 + i, noncontig=(i == 1))
         zt = _scores(m, k, dtype, seed=70 + i, scale=5.0)
         y = torch.randint(0, k, (m,), generator=torch.Generator().manual_seed(i)).to(DEVICE)
-        loss, grad = be.loss_forward(zs, zt, y, gamma, 0.8, 1.5, method, 4)
+        loss, grad = be.loss_forward(zs, zt, y, gamma=gamma, eps=0.8, lam=1.5, method=method, n_iters=4)
         z64 = zs.double().detach().requires_grad_()
         want = R.open_set_loss(z64, zt.double(), y, gamma, 0.8, 1.5, method, 4)
         (g_want,) = torch.autograd.grad(want, z64)
@@ -102,12 +101,12 @@ def test_cpp_gradcheck_and_noncontiguous():
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_extreme_scores_finite(backend):
-    be = PO.get_partial_ot_backend(backend, torch.device(DEVICE))
+    be = PO.get_backend(backend, torch.device(DEVICE))
     torch.manual_seed(2)
     for scale, eps in [(1e4, 1e-2), (1e-9, 1.0)]:
         z = (torch.randn(9, 4, dtype=torch.float64) * scale).to(DEVICE)
         for method in ("exact", "bregman"):
-            log_p, _, _, _ = be.coupling(z, 3.5, eps, method, 5)
+            log_p, _, _, _ = be.coupling(z, gamma=3.5, eps=eps, method=method, n_iters=5)
             want, _, _ = R.log_coupling(z, 3.5, eps, method, 5)
             assert torch.isfinite(log_p).all()
             torch.testing.assert_close(log_p, want, rtol=1e-10, atol=1e-8)
@@ -123,17 +122,17 @@ def test_half_inputs_accepted(backend):
 
 
 def test_auto_backend_choice():
-    be = PO.get_partial_ot_backend("auto", torch.device("cpu"))
+    be = PO.get_backend("auto", torch.device("cpu"))
     assert be.name == ("cpp" if "cpp" in sk.available_partial_ot_backends("cpu") else "torch")
 
 
 def test_triton_row_limit():
     if "triton" not in sk.available_partial_ot_backends(DEVICE):
         pytest.skip("Triton backend not available")
-    limit = PO.get_partial_ot_backend("triton", torch.device(DEVICE)).max_rows
+    limit = PO.get_backend("triton", torch.device(DEVICE)).max_rows
     with pytest.raises(ValueError, match="scores"):
         sk.partial_ot(torch.randn(limit + 1, 3, device=DEVICE), 2.0, backend="triton")
-    be = PO.get_partial_ot_backend("auto", torch.device(DEVICE), limit + 1)
+    be = PO.get_backend("auto", torch.device(DEVICE), limit + 1)
     assert be.name != "triton"
 
 

@@ -1,12 +1,11 @@
-"""sk.partial_ot: the exact KL projection (SPEC §7) and paper 2's Alg. 1 ("bregman")."""
-import math
+"""sk.partial_ot: the exact KL projection (docs/ops/partial_ot.md) and paper 2's Alg. 1 ("bregman")."""
 
 import numpy as np
 import pytest
 import torch
 
 import selkd_kernels as sk
-from selkd_kernels import partial_ot_reference as R
+from selkd_kernels.ops.partial_ot import reference as R
 
 
 def bisection_projection(z, gamma, eps):

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import selkd_kernels as sk
-from selkd_kernels import backends
-from selkd_kernels import sinkhorn_reference as ref
+from selkd_kernels.ops import registry
+from selkd_kernels.ops.sinkhorn import dispatch
+from selkd_kernels.ops.sinkhorn import reference as ref
 
-cpp = pytest.importorskip("selkd_kernels.sinkhorn_cpp",
+cpp = pytest.importorskip("selkd_kernels.ops.sinkhorn.cpp",
                           reason="C++ extension selkd_kernels._C not built")
 BE = cpp.BACKEND
 
@@ -31,7 +32,7 @@ TOL = {
 }
 
 SHAPES = [(3, 1, 1), (4, 7, 13), (1, 13, 7), (5, 16, 16), (37, 7, 13)]  # 37: full and tail blocks
-# (eps, cost scale): eps = 1e-3 with costs up to 10 is the hardest regime SPEC §2 asks for
+# (eps, cost scale): eps = 1e-3 with costs up to 10 is the hardest regime the package promises (docs/ops/sinkhorn.md)
 EPS_SCALE = [(1e-3, 10.0), (1e-2, 1.0), (0.1, 1.0), (1.0, 1.0)]
 
 
@@ -337,7 +338,7 @@ def test_kd_nan_logits_give_nan_loss():
 
 @pytest.mark.parametrize("per_row", [False, True], ids=["shared", "per_row"])
 def test_gradients_finite_differences_float64(per_row):
-    # converged potentials make the envelope gradients exact (SPEC §3): compare with central
+    # converged potentials make the envelope gradients exact (docs/ops/sinkhorn.md): compare with central
     # differences of the cpp loss itself, for student logits, teacher logits and the cost
     B, C_T, C_S = 3, 5, 4
     zs = torch.randn(B, C_S, dtype=torch.float64, requires_grad=True)
@@ -375,26 +376,26 @@ def test_available_backends_lists_cpp():
 
 
 def test_auto_picks_cpp_on_cpu(monkeypatch):
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    assert backends.get_backend("auto", torch.device("cpu")).name == "cpp"
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    assert dispatch.get_backend("auto", torch.device("cpu")).name == "cpp"
     a = _marginals(2, 3, torch.float32)
     assert sk.sinkhorn(a, a, torch.rand(3, 3)).backend == "cpp"
 
 
 @pytest.mark.parametrize("forced", ["torch", "cpp"])
 def test_env_var_forces_backend(monkeypatch, forced):
-    monkeypatch.setenv(backends.ENV_VAR, forced)
-    assert backends.get_backend("auto", torch.device("cpu")).name == forced
+    monkeypatch.setenv(registry.ENV_VAR, forced)
+    assert dispatch.get_backend("auto", torch.device("cpu")).name == forced
     a = _marginals(2, 3, torch.float32)
     assert sk.sinkhorn(a, a, torch.rand(3, 3), backend="auto").backend == forced
-    monkeypatch.setenv(backends.ENV_VAR, "nonsense")
-    with pytest.raises(ValueError, match=backends.ENV_VAR):
-        backends.get_backend("auto", torch.device("cpu"))
+    monkeypatch.setenv(registry.ENV_VAR, "nonsense")
+    with pytest.raises(ValueError, match=registry.ENV_VAR):
+        dispatch.get_backend("auto", torch.device("cpu"))
 
 
 def test_cpp_rejects_non_cpu_device():
     with pytest.raises(ValueError, match="cpp"):
-        backends.get_backend("cpp", torch.device("meta"))
+        dispatch.get_backend("cpp", torch.device("meta"))
 
 
 def test_op_validation_raises_value_error():
@@ -461,7 +462,7 @@ def _marginal_case(case, dtype):
 
 
 def _check_outcome(a, b, be):
-    from selkd_kernels.sinkhorn import _check_marginals
+    from selkd_kernels.ops.sinkhorn.api import _check_marginals
     try:
         _check_marginals(a, b, be)
     except ValueError as exc:
@@ -475,7 +476,7 @@ def _check_outcome(a, b, be):
                                   "nan_and_unbalanced"])
 def test_compiled_marginal_check_matches_torch(case, dtype):
     a, b = _marginal_case(case, dtype)
-    assert BE.marginal_flags(a, b, 1e-5) is not None   # the compiled pass is what runs here
+    assert BE.marginal_flags(a, b, tol=1e-5) is not None   # the compiled pass is what runs here
     want = _check_outcome(a, b, None)                   # the torch version
     assert _check_outcome(a, b, BE) == want
     expect_error = case in ("negative_a", "negative_b", "unbalanced", "nan_and_negative",
@@ -488,8 +489,8 @@ def test_compiled_marginal_check_matches_torch(case, dtype):
 
 def test_marginal_check_falls_back_for_half_inputs():
     a = _marginals(3, 4, torch.float32).half()
-    assert BE.marginal_flags(a, a, 2e-2) is None
-    assert BE.marginal_flags(a.float(), a.double(), 1e-5) is None
+    assert BE.marginal_flags(a, a, tol=2e-2) is None
+    assert BE.marginal_flags(a.float(), a.double(), tol=1e-5) is None
 
 
 @pytest.mark.parametrize("backend", ["torch", "cpp"])

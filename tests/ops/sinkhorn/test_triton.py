@@ -1,4 +1,4 @@
-"""Triton backend against the pure-PyTorch reference (SPEC §2, §3, §9).
+"""Triton backend against the pure-PyTorch reference (docs/ops/sinkhorn.md, docs/backends.md).
 
 Without a GPU, conftest.py sets TRITON_INTERPRET=1 before anything imports Triton, so the kernels
 run in Triton's interpreter on CPU tensors. The interpreter executes every block operation in numpy,
@@ -23,11 +23,11 @@ import torch
 triton = pytest.importorskip("triton")
 
 import selkd_kernels as sk  # noqa: E402
-from selkd_kernels import backends  # noqa: E402
-from selkd_kernels import sinkhorn_reference as ref  # noqa: E402
+from selkd_kernels.ops.sinkhorn import dispatch  # noqa: E402
+from selkd_kernels.ops.sinkhorn import reference as ref  # noqa: E402
 
 try:
-    from selkd_kernels import sinkhorn_triton as tri
+    from selkd_kernels.ops.sinkhorn import triton as tri
 except ImportError as exc:  # pragma: no cover - only when Triton itself is broken
     pytest.skip(f"triton backend unavailable: {exc}", allow_module_level=True)
 
@@ -87,7 +87,7 @@ def _check_solve(out, want, loss_rtol, pot_atol):
 # ---------------------------------------------------------------------------------------------
 
 def test_registry_exposes_triton():
-    be = backends.get_backend("triton", torch.device(DEV))
+    be = dispatch.get_backend("triton", torch.device(DEV))
     assert be.name == "triton"
     assert be is tri.BACKEND
     assert "triton" in sk.available_backends(DEV)
@@ -105,9 +105,9 @@ def test_import_without_triton_raises_import_error(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "triton", None)
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    monkeypatch.delitem(sys.modules, "selkd_kernels.sinkhorn_triton")
+    monkeypatch.delitem(sys.modules, "selkd_kernels.ops.sinkhorn.triton")
     with pytest.raises(ImportError):
-        importlib.import_module("selkd_kernels.sinkhorn_triton")
+        importlib.import_module("selkd_kernels.ops.sinkhorn.triton")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,7 +452,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from selkd_kernels import sinkhorn_triton as T
+from selkd_kernels.ops.sinkhorn import triton as T
 
 def sig(kern, consts, cd):
     out = {}

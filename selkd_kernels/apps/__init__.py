@@ -1,0 +1,1 @@
+"""Applications built on the package: the model zoo and the ``selkd demo`` job."""

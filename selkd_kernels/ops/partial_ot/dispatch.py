@@ -1,0 +1,72 @@
+"""Backends of the partial-OT op and the protocol they share.
+
+Every backend object (the reference below, ``cpp.BACKEND``, ``triton.BACKEND``) has
+
+* ``name`` and ``supports(device) -> bool``, optionally ``max_rows`` (see
+  :mod:`selkd_kernels.ops.registry`);
+* ``coupling(scores, *, gamma, eps, method, n_iters) -> (log_p, l, rho, sat)``: ``log P`` (m, k),
+  the row log-masses ``l`` of ``K = exp(Z / eps)``, the row log-masses ``rho`` of the coupling,
+  and the saturated-row mask ``sat`` (exact method; None for ``"bregman"``);
+* ``loss_forward(student_scores, teacher_scores, target, *, gamma, eps, lam, method, n_iters)
+  -> (loss, grad)``: the open-set loss (a 0-d tensor) and its gradient w.r.t. the student scores,
+
+with the semantics of :mod:`selkd_kernels.ops.partial_ot.reference`, in the compute dtype and
+without an autograd graph: :mod:`selkd_kernels.ops.partial_ot.api` and
+:mod:`selkd_kernels.losses.selkd` attach the closed-form backward
+(:func:`~selkd_kernels.ops.partial_ot.reference.grad_scores`) the same way for every backend.
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import _validation as V
+from ..registry import BackendRegistry
+from . import reference as _ref
+
+
+class TorchBackend:
+    """The pure-PyTorch reference as a backend (every device, any batch size)."""
+
+    name = "torch"
+
+    def supports(self, device) -> bool:
+        return True
+
+    def coupling(self, scores, *, gamma, eps, method, n_iters):
+        z = scores.to(V.compute_dtype(scores))
+        with torch.no_grad():
+            log_p, rho, sat = _ref.log_coupling(z, gamma, eps, method, n_iters)
+            l = _ref.row_log_mass(z, eps)
+        return log_p, l, rho, sat
+
+    def loss_forward(self, student_scores, teacher_scores, target, *, gamma, eps, lam, method,
+                     n_iters):
+        cd = V.compute_dtype(student_scores, teacher_scores)
+        zs = student_scores.detach().to(cd).requires_grad_(True)
+        with torch.enable_grad():
+            loss = _ref.open_set_loss(zs, teacher_scores.to(cd), target, gamma, eps, lam, method,
+                                      n_iters)
+            (grad,) = torch.autograd.grad(loss, zs)
+        return loss.detach(), grad
+
+
+REGISTRY = BackendRegistry(
+    "partial_ot",
+    modules={"cpp": "selkd_kernels.ops.partial_ot.cpp",
+             "triton": "selkd_kernels.ops.partial_ot.triton"},
+    auto_order={"cpu": ("cpp", "torch"), "cuda": ("triton", "torch")},
+    reference=TorchBackend())
+
+
+def get_backend(name: str, device, rows=None, rows_arg: str = "scores"):
+    """Resolve ``name`` ("auto" or explicit) for tensors on ``device`` and a batch of ``rows``
+    (``"auto"`` passes over a kernel whose ``max_rows`` is smaller)."""
+    return REGISTRY.resolve(name, device, rows, rows_arg)
+
+
+def available_backends(device=None) -> list[str]:
+    """Partial-OT backends that can run here (on ``device`` if given)."""
+    return REGISTRY.available(device)
+
+
+REGISTRY.preload()
