@@ -42,6 +42,28 @@ def check_positive(name: str, value) -> float:
     return value
 
 
+def representable_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``[sqrt(tiny), sqrt(max)]`` of ``dtype`` (float32: about [1.1e-19, 1.8e19]; float64: about
+    [1.5e-154, 1.3e154]): a scale such as eps or tau in this range, its reciprocal and its
+    product or quotient with any number of magnitude at most ``sqrt(max)`` are finite normal
+    numbers, which is what the solvers form (``M / eps``, ``eps log a``, ``z / tau``)."""
+    fi = torch.finfo(dtype)
+    return math.sqrt(fi.tiny), math.sqrt(fi.max)
+
+
+def check_representable(name: str, value, dtype: torch.dtype) -> float:
+    """A positive number inside :func:`representable_range` of the compute dtype ``dtype``:
+    outside it (eps = 1e-45 or 1e300, say) finite inputs would give NaN or infinite losses."""
+    value = check_positive(name, value)
+    lo, hi = representable_range(dtype)
+    if not lo <= value <= hi:
+        dt = str(dtype).replace("torch.", "")
+        raise ValueError(f"{name} must lie in [{lo:.3g}, {hi:.3g}] for {dt} computation (what "
+                         f"{name}, 1/{name} and the scaled costs or logits can represent), got "
+                         f"{value!r}")
+    return value
+
+
 def check_nonnegative(name: str, value) -> float:
     if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
