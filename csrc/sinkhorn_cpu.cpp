@@ -877,9 +877,19 @@ void solve_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost
       detail::rows_worker(P, standard, begin, end);
     });
   }
-  // rows with non-finite inputs: NaN loss and error whatever the arithmetic produced
+  // rows with non-finite inputs: NaN loss and error whatever the arithmetic produced; rows
+  // without mass (a and b all zero): the only plan is T = 0, loss and error 0, potentials -inf,
+  // stopped at the first check (as the reference, whose error there is 0)
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t r = 0; r < B; ++r) {
+    if (!bad[r] && std::all_of(P.a + r * m, P.a + (r + 1) * m, [](T x) { return x == T(0); }) &&
+        std::all_of(P.b + r * n, P.b + (r + 1) * n, [](T x) { return x == T(0); })) {
+      P.loss[r] = 0;
+      P.err[r] = 0;
+      P.iters[r] = static_cast<int32_t>(P.use_tol ? std::min(check_every, n_iters) : n_iters);
+      std::fill(P.alpha + r * m, P.alpha + (r + 1) * m, -std::numeric_limits<T>::infinity());
+      std::fill(P.beta + r * n, P.beta + (r + 1) * n, -std::numeric_limits<T>::infinity());
+    }
     if (!bad[r]) continue;
     P.loss[r] = nan;
     P.err[r] = nan;
