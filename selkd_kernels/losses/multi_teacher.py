@@ -119,8 +119,9 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
         else:
             w = _check_weights(weights, self.num_teachers)
         self.register_buffer("teacher_weights", w.to(torch.float32))
-        self.tau = V.check_positive("tau", tau)
-        self.eps = V.check_positive("eps", eps)
+        # the widest compute dtype here; each call checks again against its own
+        self.tau = V.check_representable("tau", tau, torch.float64)
+        self.eps = V.check_representable("eps", eps, torch.float64)
         self.weight = V.check_nonnegative("weight", weight)
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.tol = V.check_optional_positive("tol", tol)
