@@ -59,9 +59,10 @@ import torch
 STANDARD_DOMAIN_MAX_RANGE = {torch.float32: 25.0, torch.float64: 200.0}
 
 # Entries per temporary block of the log-domain updates and of the plan-based gradients
-# (16 MiB in float32). Small enough that B = 4096, 1000 x 1000 (4e9 entries) needs no more than
-# a few blocks of memory, large enough that the Python loop over blocks costs nothing measurable.
-CHUNK_ELEMS = 1 << 22
+# (1 MiB in float32): a block and logsumexp's temporaries stay in a core's L2 cache, which made
+# the blocked update 1.5-3x faster than one (64, 1000, 1000) call on this project's CPU machine,
+# and B = 4096, 1000 x 1000 (4e9 entries) needs no more than a few blocks of memory.
+CHUNK_ELEMS = 1 << 18
 
 # eps-scaling never runs more intermediate stages than this; a factor that would need more is
 # replaced by the geometric factor that reaches eps in exactly this many stages.
