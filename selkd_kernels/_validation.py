@@ -82,10 +82,13 @@ def check_optional_positive(name: str, value):
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     items = [(n, t) for n, t in tensors.items() if t is not None]
-    dev = items[0][1].device
-    for n, t in items[1:]:
+    devices = [t.device for _, t in items]
+    # the message names a tensor off the device most of them share (the first one's on a tie)
+    dev = max(devices, key=lambda d: (devices.count(d), -devices.index(d)))
+    ref_name = next(n for n, t in items if t.device == dev)
+    for n, t in items:
         if t.device != dev:
-            raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev}; "
+            raise ValueError(f"{n} is on {t.device} but {ref_name} is on {dev}; "
                              f"all tensors must be on the same device")
     return dev
 
