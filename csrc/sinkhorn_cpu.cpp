@@ -962,11 +962,13 @@ void envelope_grad(const T* pot, const T* p, int64_t B, int64_t k, T tau, T* out
       const T* pr = p + r * k;
       const T* phr = pot + r * k;
       T* o = out + r * k;
+      // zero probabilities take and give nothing; a NaN one (a NaN or inf logit) makes the
+      // whole row's gradient NaN, as in the reference
       double mean = 0.0;
       for (int64_t i = 0; i < k; ++i)
-        if (pr[i] > 0) mean += static_cast<double>(phr[i]) * pr[i];
+        if (pr[i] != T(0)) mean += static_cast<double>(phr[i]) * pr[i];
       const T mu = static_cast<T>(mean);
-      for (int64_t i = 0; i < k; ++i) o[i] = pr[i] > 0 ? (phr[i] - mu) * pr[i] / tau : T(0);
+      for (int64_t i = 0; i < k; ++i) o[i] = pr[i] == T(0) ? T(0) : (phr[i] - mu) * pr[i] / tau;
     }
   });
 }
