@@ -118,10 +118,51 @@ def floor(dtype, cost, eps, *masses):
     return u * cond, max(1.0, big)
 
 
-def kd_inputs(draw_seed, B, C_T, C_S, scale, dtype, minus_inf=False):
-    g = generator(draw_seed)
-    zs = scale * torch.randn(B, C_S, dtype=torch.float64, generator=g)
-    zt = scale * torch.randn(B, C_T, dtype=torch.float64, generator=g)
-    if minus_inf and C_T > 1:
-        zt[0, -1] = -math.inf   # a legitimate zero probability
-    return zs.to(dtype), zt.to(dtype)
+@dataclass
+class KDCase:
+    zs: torch.Tensor
+    zt: torch.Tensor
+    cost: torch.Tensor
+    tau: float
+    eps: float
+    opts: dict
+    bad_rows: list = field(default_factory=list)
+
+    def __repr__(self):
+        return (f"KDCase(B={self.zs.shape[0]}, C_S={self.zs.shape[1]}, C_T={self.zt.shape[1]}, "
+                f"dtype={self.zs.dtype}, cost={tuple(self.cost.shape)}, tau={self.tau:.3g}, "
+                f"eps={self.eps:.3g}, opts={self.opts}, bad={self.bad_rows})")
+
+
+@st.composite
+def kd_cases(draw, max_b=4, max_k=9, dtypes=(torch.float32, torch.float64), bad=True):
+    """Student / teacher logits and a cost in the promised range; optionally a -inf teacher
+    logit (a zero probability) and a row with a NaN or inf logit."""
+    B = draw(st.integers(1, max_b))
+    C_S, C_T = draw(st.integers(1, max_k)), draw(st.integers(1, max_k))
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2 ** 16))
+    g = generator(seed)
+    zscale = draw(st.sampled_from([0.1, 3.0, 20.0]))
+    zs = zscale * torch.randn(B, C_S, dtype=torch.float64, generator=g)
+    zt = zscale * torch.randn(B, C_T, dtype=torch.float64, generator=g)
+    if C_T > 1 and draw(st.integers(0, 3)) == 0:
+        zt[draw(st.integers(0, B - 1)), draw(st.integers(0, C_T - 1))] = -math.inf
+    per_row = draw(st.booleans())
+    scale = draw(st.sampled_from([1e-3, 1.0, 10.0]))
+    M = scale * torch.rand(*((B, C_T, C_S) if per_row else (C_T, C_S)), dtype=torch.float64,
+                           generator=generator(seed + 1))
+    bad_rows = []
+    if bad and draw(st.integers(0, 3)) == 0:
+        r = draw(st.integers(0, B - 1))
+        x = zs if draw(st.booleans()) else zt
+        x[r, draw(st.integers(0, x.shape[1] - 1))] = draw(st.sampled_from([math.nan, math.inf]))
+        bad_rows = [r]
+    zs, zt, M = zs.to(dtype), zt.to(dtype), M.to(dtype)
+    if draw(st.booleans()):
+        zs, zt, M = non_contiguous(zs), non_contiguous(zt), non_contiguous(M)
+    tau = float(math.exp(draw(st.floats(math.log(0.5), math.log(10.0)))))
+    eps = float(math.exp(draw(st.floats(math.log(1e-3), math.log(10.0)))))
+    opts = dict(n_iters=draw(st.integers(1, 40)), tol=draw(st.sampled_from([None, 1e-3, 1e-6])),
+                check_every=draw(st.integers(1, 7)))
+    return KDCase(zs, zt, M, tau, eps, opts, bad_rows)
