@@ -47,8 +47,11 @@ def _check(case):
         rows, iters, grads = run_kd(case, name)
         assert rows.dtype == case.zs.dtype
         for i in case.bad_rows:
-            assert torch.isnan(rows[i]) and torch.isnan(grads[0][i]).all(), name
-            assert torch.isnan(grads[1][i]).all(), name
+            # entries of probability exactly 0 (a -inf logit) receive 0, all others NaN
+            for k, z in enumerate((case.zs, case.zt)):
+                live = ~torch.isneginf(z[i])
+                assert torch.isnan(grads[k][i][live]).all() and (grads[k][i][~live] == 0).all()
+            assert torch.isnan(rows[i]), name
         for i in good:
             assert torch.isfinite(rows[i]) and torch.isfinite(grads[0][i]).all(), name
             assert torch.isfinite(grads[1][i]).all(), name
@@ -73,7 +76,7 @@ def _check(case):
                 want.abs().max())), name=f"{name} d/dcost")
 
 
-@budget(100)
+@budget(300)
 @given(case=kd_cases())
 def test_kd_loss_and_gradients_match_the_float64_reference(case):
     _check(case)
@@ -86,7 +89,7 @@ def test_kd_loss_and_gradients_match_the_float64_reference_long(case):
     _check(case)
 
 
-@budget(20)
+@budget(40)
 @given(case=kd_cases(bad=False, dtypes=(torch.float16, torch.bfloat16)))
 def test_half_logits_give_finite_losses_in_their_dtype(case):
     for name in BACKENDS:
@@ -98,7 +101,7 @@ def test_half_logits_give_finite_losses_in_their_dtype(case):
 _BAD = {
     "tau": st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, math.inf, 1e-45,
                                                                1e300, None, "3"])),
-    "eps": st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, -math.inf, 1e-60,
+    "eps": st.one_of(st.floats(max_value=0.0), st.sampled_from([math.nan, -math.inf, 1e-200,
                                                                1e200, [0.1]])),
     "n_iters": st.sampled_from([0, -3, 1.5, None, True]),
     "tol": st.sampled_from([0.0, -1e-3, math.nan, "small"]),
@@ -111,7 +114,7 @@ _BAD = {
 }
 
 
-@budget(60)
+@budget(150)
 @given(case=kd_cases(bad=False), data=st.data())
 def test_bad_arguments_raise_value_error_naming_the_argument(case, data):
     name = data.draw(st.sampled_from(sorted(_BAD)))

@@ -38,11 +38,12 @@ def _solve(case, backend, dtype=None):
     return sk.sinkhorn(a, b, M, eps=case.eps, backend=backend, **case.opts)
 
 
-def check_guarantees(case, r):
+def check_guarantees(case, r, bad_row_potentials=True):
     """The value guarantees of one result, independent of any reference."""
     good = [i for i in range(case.a.shape[0]) if i not in case.bad_rows]
     for i in case.bad_rows:
-        for x in (r.loss[i], r.err[i], r.alpha[i], r.beta[i]):
+        fields = (r.loss[i], r.err[i]) + ((r.alpha[i], r.beta[i]) if bad_row_potentials else ())
+        for x in fields:
             assert torch.isnan(x).all(), f"row {i} has a NaN/inf input but {x} is not NaN"
     for i in good:
         assert torch.isfinite(r.loss[i]) and torch.isfinite(r.err[i]), f"row {i}: {r.loss[i]}"
@@ -76,16 +77,16 @@ def compare_with_reference(case, r, ref):
             assert_close(got, want, atol=POT_FLOORS * rel * pscale, name=f"{name}[{i}]")
 
 
-def _check_backends(case):
+def _check_backends(case, bad_row_potentials=True):
     ref = _solve(case, "torch", torch.float64)
     for name in BACKENDS:
         r = _solve(case, name)
         assert r.backend == name and r.loss.dtype == V.compute_dtype(case.a)
-        check_guarantees(case, r)
+        check_guarantees(case, r, bad_row_potentials)
         compare_with_reference(case, r, ref)
 
 
-@budget(150)
+@budget(500)
 @given(case=ot_cases())
 def test_backends_match_the_float64_reference(case):
     _check_backends(case)
@@ -98,7 +99,7 @@ def test_backends_match_the_float64_reference_long(case):
     _check_backends(case)
 
 
-@budget(60)
+@budget(150)
 @given(case=ot_cases(bad=False), data=st.data())
 def test_nan_in_one_row_leaves_the_others_bit_identical(case, data):
     B = case.a.shape[0]
@@ -118,7 +119,7 @@ def test_nan_in_one_row_leaves_the_others_bit_identical(case, data):
             assert torch.equal(getattr(dirty, field)[keep], getattr(clean, field)[keep]), field
 
 
-@budget(40)
+@budget(80)
 @given(case=ot_cases(bad=False), data=st.data())
 def test_invalid_marginals_raise_value_error(case, data):
     kind = data.draw(st.sampled_from(["neg_a", "neg_b", "unbalanced"]))
@@ -177,7 +178,7 @@ def _bad_tensor(data, name, a, b, M):
     return torch.cat([x, x[..., :1]], -1)  # one class too many
 
 
-@budget(120)
+@budget(300)
 @given(case=ot_cases(bad=False), data=st.data())
 def test_bad_arguments_raise_value_error_naming_the_argument(case, data):
     name = data.draw(st.sampled_from(sorted(_BAD) + ["a", "b", "cost"]))

@@ -458,9 +458,12 @@ def marginal_gradient(potential, mass):
 
 def softmax_envelope_grad(potential, p, tau):
     """``(phi - <phi, p>) * p / tau``: the chain rule of dS/dp = phi through p = softmax(z/tau)
-    (paper 1, Prop. 4.2, Eq. 15). Entries with p == 0 (potential -inf) contribute and receive 0."""
-    phi = torch.where(p > 0, potential, torch.zeros_like(potential))
-    return (phi - (phi * p).sum(-1, keepdim=True)) * p / tau
+    (paper 1, Prop. 4.2, Eq. 15). Entries with p == 0 (potential -inf) contribute and receive 0,
+    also in a NaN row; the other entries of a NaN row are NaN (as in the compiled backends)."""
+    zero = p == 0
+    phi = torch.where(zero, torch.zeros_like(potential), potential)
+    grad = (phi - (phi * p).sum(-1, keepdim=True)) * p / tau
+    return torch.where(zero, torch.zeros_like(grad), grad)
 
 
 def kd_forward(student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol=None,
