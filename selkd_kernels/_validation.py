@@ -37,7 +37,9 @@ def check_positive(name: str, value) -> float:
     if not _is_real(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    # comparisons, not math.isfinite: they also trace when torch.compile(dynamic=True) makes the
+    # number symbolic (NaN fails them too)
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return value
 
@@ -65,7 +67,7 @@ def check_representable(name: str, value, dtype: torch.dtype) -> float:
 
 
 def check_nonnegative(name: str, value) -> float:
-    if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
+    if not _is_real(value) or not 0 <= float(value) < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
