@@ -15,6 +15,8 @@ import pytest
 import torch
 
 import selkd_kernels as sk
+from tests import utils as U
+from tests.utils import TOL
 from selkd_kernels.ops import registry
 from selkd_kernels.ops.sinkhorn import dispatch
 from selkd_kernels.ops.sinkhorn import reference as ref
@@ -23,31 +25,17 @@ cpp = pytest.importorskip("selkd_kernels.ops.sinkhorn.cpp",
                           reason="C++ extension selkd_kernels._C not built")
 BE = cpp.BACKEND
 
-# per dtype: relative loss tolerance; absolute tolerances are multiplied by max(1, max|M|)
-TOL = {
-    torch.float32: dict(loss_rtol=1e-5, loss_atol=2e-6, pot_atol=2e-5, err_atol=2e-5,
-                        err_rtol=1e-3, grad_atol=1e-5),
-    torch.float64: dict(loss_rtol=1e-10, loss_atol=1e-12, pot_atol=1e-10, err_atol=1e-11,
-                        err_rtol=1e-8, grad_atol=1e-11),
-}
-
 SHAPES = [(3, 1, 1), (4, 7, 13), (1, 13, 7), (5, 16, 16), (37, 7, 13)]  # 37: full and tail blocks
-# (eps, cost scale): eps = 1e-3 with costs up to 10 is the hardest regime the package promises (docs/ops/sinkhorn.md)
+# (eps, cost scale): eps = 1e-3 with costs up to 10 is the hardest regime the package promises
 EPS_SCALE = [(1e-3, 10.0), (1e-2, 1.0), (0.1, 1.0), (1.0, 1.0)]
 
 
 def _marginals(B, k, dtype, zeros=False):
-    p = torch.softmax(2 * torch.randn(B, k, dtype=torch.float64), -1)
-    if zeros and k > 2:
-        p[:, 1] = 0
-        p[0, -1] = 0
-        p = p / p.sum(-1, keepdim=True)
-    return p.to(dtype)
+    return U.marginals(B, k, dtype, zeros=zeros)
 
 
 def _cost(B, m, n, scale, dtype, per_row):
-    shape = (B, m, n) if per_row else (m, n)
-    return (scale * torch.rand(shape, dtype=torch.float64)).to(dtype)
+    return U.cost(m, n, dtype, scale=scale, batch=B if per_row else None)
 
 
 def _assert_potential(got, want, atol):
