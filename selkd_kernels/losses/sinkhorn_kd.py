@@ -40,44 +40,59 @@ _REDUCTIONS = {"mean", "sum", "none"}
 
 
 class SinkhornKDFunction(torch.autograd.Function):
-    """Loss rows from the backend's fused forward; backward scales the stored envelope gradients
-    (or, with ``create_graph=True``, differentiates the unrolled reference: module docs)."""
+    """Loss rows whose backward scales the envelope gradients of a fused forward that already ran
+    (or, with ``create_graph=True``, differentiates the unrolled reference: module docs).
+
+    The backend runs outside this function (:func:`kd_rows`): a compiled op called inside an
+    autograd.Function's forward is traced as a subgraph, and ``torch.compile(dynamic=True)`` of
+    two such calls on one student (multi-teacher) failed inside Dynamo (torch 2.13)."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, cost, backend, tau, eps, n_iters, tol,
-                check_every, method):
-        want_teacher = ctx.needs_input_grad[1]
-        want_cost = ctx.needs_input_grad[2]
-        out = backend.kd_forward(student_logits, teacher_logits, cost, tau=tau, eps=eps,
-                                 n_iters=n_iters, tol=tol, check_every=check_every,
-                                 teacher_grad=want_teacher, method=method)
-        ctx.eps = eps
-        ctx.options = dict(tau=tau, eps=eps, n_iters=n_iters, tol=tol, check_every=check_every,
-                           method=method)
+    def forward(ctx, student_logits, teacher_logits, cost, loss, grad_student, grad_teacher,
+                alpha, beta, options):
+        ctx.options = options
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype, cost.dtype)
-        saved = [student_logits, teacher_logits, cost, out.grad_student,
-                 out.grad_teacher if want_teacher else None,
-                 out.alpha if want_cost else None,
-                 out.beta if want_cost else None]
-        ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(out.iters, out.err)
-        return out.loss, out.iters, out.err
+        ctx.save_for_backward(student_logits, teacher_logits, cost, grad_student, grad_teacher,
+                              alpha, beta)
+        return loss.clone()
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_iters, _grad_err):
+    def backward(ctx, grad_loss):
         z_s, z_t, cost, g_s, g_t, alpha, beta = ctx.saved_tensors
+        none = (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: the gradient needs a graph of its own
             grads = _unrolled_grads(lambda s, t, c: _unrolled_solve(s, t, c, **ctx.options),
                                     (z_s, z_t, cost), ctx.needs_input_grad[:3], grad_loss)
-            return (*grads,) + (None,) * 7
+            return (*grads,) + none
         w = grad_loss.to(g_s.dtype)  # (B,) per-row weights
         grad_student = (g_s * w.unsqueeze(-1)).to(ctx.dtypes[0])
         grad_teacher = None if g_t is None else (g_t * w.unsqueeze(-1)).to(ctx.dtypes[1])
         grad_cost = None
         if alpha is not None:
-            grad_cost = _ref.cost_gradient(alpha, beta, cost.to(alpha.dtype), ctx.eps,
+            grad_cost = _ref.cost_gradient(alpha, beta, cost.to(alpha.dtype), ctx.options["eps"],
                                            w).to(ctx.dtypes[2])
-        return (grad_student, grad_teacher, grad_cost) + (None,) * 7
+        return (grad_student, grad_teacher, grad_cost) + none
+
+
+def kd_rows(student_logits, teacher_logits, cost, backend, tau, eps, n_iters, tol, check_every,
+            method):
+    """Per-row KD losses from ``backend``'s fused forward, differentiable by the envelope
+    gradients; returns ``(rows, iters, err)``. Inputs validated by the caller."""
+    grad = torch.is_grad_enabled()
+    want_teacher = grad and teacher_logits.requires_grad
+    want_cost = grad and cost.requires_grad
+    with torch.no_grad():
+        out = backend.kd_forward(student_logits.detach(), teacher_logits.detach(), cost.detach(),
+                                 tau=tau, eps=eps, n_iters=n_iters, tol=tol,
+                                 check_every=check_every, teacher_grad=want_teacher,
+                                 method=method)
+    options = dict(tau=tau, eps=eps, n_iters=n_iters, tol=tol, check_every=check_every,
+                   method=method)
+    rows = SinkhornKDFunction.apply(student_logits, teacher_logits, cost, out.loss,
+                                    out.grad_student, out.grad_teacher if want_teacher else None,
+                                    out.alpha if want_cost else None,
+                                    out.beta if want_cost else None, options)
+    return rows, out.iters, out.err
 
 
 def _unrolled_solve(student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol, check_every,
@@ -142,8 +157,8 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         rows, iters, err = out.loss, out.iters, out.err.detach()
     else:
         be = get_backend(backend, student_logits.device)
-        rows, iters, err = SinkhornKDFunction.apply(student_logits, teacher_logits, cost, be, tau,
-                                                    eps, n_iters, tol, check_every, method)
+        rows, iters, err = kd_rows(student_logits, teacher_logits, cost, be, tau, eps, n_iters,
+                                   tol, check_every, method)
     loss = _reduce(rows, reduction).to(student_logits.dtype)
     return (loss, (iters, err)) if return_stats else loss
 

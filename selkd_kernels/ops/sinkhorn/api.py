@@ -84,22 +84,23 @@ class _Solver:
 
 
 class _SinkhornFunction(torch.autograd.Function):
-    """Loss from any backend; backward forms the envelope gradients from the potentials."""
+    """The loss of a solve that already ran; backward forms the envelope gradients from its
+    potentials. The backend runs outside (a compiled op inside an autograd.Function's forward
+    broke torch.compile(dynamic=True) of two calls in one graph, torch 2.13)."""
 
     @staticmethod
-    def forward(ctx, a, b, cost, solver):
-        out = solver.run(a, b, cost)
+    def forward(ctx, a, b, cost, loss, alpha, beta, solver):
         ctx.solver = solver
-        ctx.save_for_backward(a, b, cost, out.alpha, out.beta)
-        ctx.mark_non_differentiable(out.alpha, out.beta, out.iters, out.err)
-        return out.loss, out.alpha, out.beta, out.iters, out.err
+        ctx.save_for_backward(a, b, cost, alpha, beta)
+        return loss.clone()
 
     @staticmethod
-    def backward(ctx, grad_loss, *_unused):
+    def backward(ctx, grad_loss):
         a, b, cost, alpha, beta = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a gradient that has a graph itself
-            return (*_unrolled_grads(ctx.solver.reference, (a, b, cost), need, grad_loss), None)
+            return (*_unrolled_grads(ctx.solver.reference, (a, b, cost), need, grad_loss),
+                    None, None, None, None)
         w = grad_loss.to(alpha.dtype)
         ga = gb = gc = None
         if need[0]:
@@ -109,7 +110,7 @@ class _SinkhornFunction(torch.autograd.Function):
         if need[2]:
             gc = _ref.cost_gradient(alpha, beta, cost.to(alpha.dtype), ctx.solver.eps,
                                     w).to(cost.dtype)
-        return ga, gb, gc, None
+        return ga, gb, gc, None, None, None, None
 
 
 def _unrolled_grads(rows_of, inputs, need, grad_rows):
@@ -201,7 +202,10 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
         out = solver.reference(a, b, cost)
         loss, alpha, beta, iters, err = out.loss, out.alpha, out.beta, out.iters, out.err
     else:
-        loss, alpha, beta, iters, err = _SinkhornFunction.apply(a, b, cost, solver)
+        with torch.no_grad():
+            out = solver.run(a.detach(), b.detach(), cost.detach())
+        alpha, beta, iters, err = out.alpha, out.beta, out.iters, out.err
+        loss = _SinkhornFunction.apply(a, b, cost, out.loss, alpha, beta, solver)
     if rejected is not None:
         nan = torch.full_like(loss, math.nan)
         loss, err = torch.where(rejected, nan, loss), torch.where(rejected, nan.to(err.dtype), err)
