@@ -59,8 +59,10 @@ def test_bfloat16_autocast(name):
     if name in ("kd", "multi-teacher"):
         y = y % 10
     (l32, g32), (l16, g16) = (_amp_run(crit, outputs, teacher, y, amp) for amp in (False, True))
-    # bfloat16 keeps 8 bits (2^-8 = 4e-3 relative); the loss agrees to a few units of that
-    assert abs(float(l16.float() - l32)) <= 1e-2 * max(1.0, abs(float(l32)))
+    # bfloat16 keeps 8 bits (2^-8 = 4e-3 relative); the loss agrees to a few units of that, on
+    # the scale of the distillation term (its weight: 10 for the KD losses)
+    scale = max(1.0, abs(float(l32)), float(getattr(crit, "weight", 1.0)))
+    assert abs(float(l16.float() - l32)) <= 1e-2 * scale
     # the gradients pass through bfloat16 matrix products in the model either way: judged
     # against plain cross-entropy on the same model (measured: 7.6% of the largest entry there;
     # KD 4.8%, multi-teacher 5.0%, closed SelKD 2.2%, open SelKD 14.5%)
