@@ -23,7 +23,7 @@ import selkd_kernels as sk
 from selkd_kernels import _validation as V
 from selkd_kernels.ops.sinkhorn.dispatch import REGISTRY
 from tests.fuzz.strategies import budget, floor, ot_cases
-from tests.utils import assert_close, non_contiguous
+from tests.utils import assert_close
 
 warnings.filterwarnings("ignore", message="selkd_kernels")
 BACKENDS = [name for name in ("torch", "cpp") if name in REGISTRY.available("cpu")]
@@ -198,8 +198,3 @@ def test_bad_arguments_raise_value_error_naming_the_argument(case, data):
     first = str(info.value).split(" ")[0]
     assert first in names, f"{name}: message {info.value!r} does not start with {names}"
 
-
-def test_non_contiguous_helper_makes_views():
-    # the strategy's stride variants rely on it
-    x = torch.rand(3, 4)
-    assert not non_contiguous(x).is_contiguous()

@@ -139,3 +139,20 @@ def test_unrolled_gradients_reach_every_output():
         sk.sinkhorn(a, b, M, grad="unrolled", backend="cpp")
     with pytest.raises(ValueError, match="grad"):
         sk.sinkhorn(a, b, M, grad="implicit")
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_row_without_mass_has_zero_gradients(name):
+    if name != "torch":
+        require_backend(REGISTRY, name)
+    a, b, M = ot_problem(3, 4, 5)
+    a[1], b[1] = 0.0, 0.0
+    vs = [t.clone().requires_grad_(True) for t in (a, b, M)]
+    out = sk.sinkhorn(*vs, eps=0.2, n_iters=20, backend=name)
+    assert out.loss[1] == 0
+    (out.loss * torch.tensor([1.0, 3.0, 1.0], dtype=torch.float64)).sum().backward()
+    assert (vs[0].grad[1] == 0).all() and (vs[1].grad[1] == 0).all()
+    keep = [0, 2]
+    ws = [t.clone().requires_grad_(True) for t in (a[keep], b[keep], M)]
+    sk.sinkhorn(*ws, eps=0.2, n_iters=20, backend=name).loss.sum().backward()
+    assert_close(vs[2].grad, ws[2].grad, rtol=1e-12, atol=1e-14, name="cost gradient")
