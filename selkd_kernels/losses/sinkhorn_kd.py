@@ -33,7 +33,6 @@ import torch.nn.functional as F
 from .. import _validation as V
 from ..ops.registry import check_backend_name
 from ..ops.sinkhorn import reference as _ref
-from ..ops.sinkhorn.api import _unrolled_grads
 from ..ops.sinkhorn.dispatch import get_backend
 
 _REDUCTIONS = {"mean", "sum", "none"}
@@ -61,7 +60,7 @@ class SinkhornKDFunction(torch.autograd.Function):
         z_s, z_t, cost, g_s, g_t, alpha, beta = ctx.saved_tensors
         none = (None,) * 6
         if torch.is_grad_enabled():  # create_graph=True: the gradient needs a graph of its own
-            grads = _unrolled_grads(lambda s, t, c: _unrolled_solve(s, t, c, **ctx.options),
+            grads = _ref.unrolled_gradients(lambda s, t, c: _unrolled_solve(s, t, c, **ctx.options),
                                     (z_s, z_t, cost), ctx.needs_input_grad[:3], grad_loss)
             return (*grads,) + none
         w = grad_loss.to(g_s.dtype)  # (B,) per-row weights

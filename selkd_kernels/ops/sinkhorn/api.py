@@ -99,7 +99,7 @@ class _SinkhornFunction(torch.autograd.Function):
         a, b, cost, alpha, beta = ctx.saved_tensors
         need = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a gradient that has a graph itself
-            return (*_unrolled_grads(ctx.solver.reference, (a, b, cost), need, grad_loss),
+            return (*_ref.unrolled_gradients(ctx.solver.reference, (a, b, cost), need, grad_loss),
                     None, None, None, None)
         w = grad_loss.to(alpha.dtype)
         ga = gb = gc = None
@@ -111,20 +111,6 @@ class _SinkhornFunction(torch.autograd.Function):
             gc = _ref.cost_gradient(alpha, beta, cost.to(alpha.dtype), ctx.solver.eps,
                                     w).to(cost.dtype)
         return ga, gb, gc, None, None, None, None
-
-
-def _unrolled_grads(rows_of, inputs, need, grad_rows):
-    """Gradients of ``sum_b grad_rows_b rows_b`` w.r.t. the inputs that need one, through the
-    reference iterations (``rows_of(*inputs).loss``), with a graph for the next derivative."""
-    wanted = [x for x, nd in zip(inputs, need) if nd]
-    rows = rows_of(*inputs).loss
-    got = iter(torch.autograd.grad(rows, wanted, grad_rows.to(rows.dtype), create_graph=True,
-                                   allow_unused=True))
-    out = []
-    for x, nd in zip(inputs, need):
-        g = next(got) if nd else None
-        out.append(None if g is None else g.to(x.dtype))
-    return out
 
 
 def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float = 0.1,

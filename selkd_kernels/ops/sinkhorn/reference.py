@@ -450,6 +450,21 @@ def cost_gradient(alpha, beta, cost, eps, weights):
     return plan_times_weights(alpha, beta, cost, eps, weights)
 
 
+def unrolled_gradients(rows_of, inputs, need, grad_rows):
+    """Gradients of ``sum_b grad_rows_b rows_b`` w.r.t. the ``inputs`` flagged in ``need``,
+    through the reference iterations (``rows_of(*inputs).loss``), with a graph for the next
+    derivative: what a backward under ``create_graph=True`` returns (None where not needed)."""
+    wanted = [x for x, nd in zip(inputs, need) if nd]
+    rows = rows_of(*inputs).loss
+    got = iter(torch.autograd.grad(rows, wanted, grad_rows.to(rows.dtype), create_graph=True,
+                                   allow_unused=True))
+    out = []
+    for x, nd in zip(inputs, need):
+        g = next(got) if nd else None
+        out.append(None if g is None else g.to(x.dtype))
+    return out
+
+
 def marginal_gradient(potential, mass):
     """The envelope gradient of S w.r.t. a marginal: the potential itself (dS/da = alpha,
     dS/db = beta), 0 where the mass is 0 (docs/guarantees.md explains the choice)."""

@@ -13,7 +13,7 @@ import torch
 import selkd_kernels as sk
 from selkd_kernels.ops.sinkhorn import reference as ref
 from tests.oracles import pot_batch_losses
-from tests.utils import assert_close, cost, marginals, non_contiguous, ot_problem
+from tests.utils import assert_close, cost, non_contiguous, ot_problem
 
 
 @pytest.fixture(autouse=True)
