@@ -361,6 +361,25 @@ def test_plan_times_weights_per_row_cost():
                  rtol=1e-15, atol=0)
 
 
+
+@pytest.mark.parametrize("chunk", [1, 7, 13, 48, 10_000])
+def test_plan_blocks_never_exceed_chunk_and_cover_the_plans(chunk):
+    # chunk 7 and 13 split the class axis within a row (m n = 24), 48 groups rows, 1 gives
+    # single plan rows (n = 6 entries: the smallest block there is)
+    r, M = _plans(torch.float64, 0.2)
+    w = torch.linspace(-1, 2, 9, dtype=torch.float64)
+    seen = torch.zeros(9, 4, 6, dtype=torch.int64)
+    for rows, cls, T in ref._plan_blocks(r.alpha, r.beta, M.unsqueeze(0), 0.2, chunk):
+        assert T.numel() <= max(chunk, 6)
+        seen[rows, cls] += 1
+    assert (seen == 1).all()
+    full = ref.transport_plan(r.alpha, r.beta, M, 0.2) * w[:, None, None]
+    assert_close(ref.plan_weighted_sum(r.alpha, r.beta, M, 0.2, w, chunk_elems=chunk,
+                                       allow_gemm=False), full.sum(0), rtol=1e-13, atol=1e-15)
+    Mb = M.expand(9, 4, 6).contiguous()
+    assert_close(ref.plan_times_weights(r.alpha, r.beta, Mb, 0.2, w, chunk_elems=chunk), full,
+                 rtol=1e-15, atol=0)
+
 # ---- eps-scaling schedule ----------------------------------------------------------------------
 
 def test_eps_schedule_is_decreasing_and_ends_at_eps():
