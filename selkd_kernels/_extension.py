@@ -86,7 +86,9 @@ def jit_blocker(environ, sources, compiler, ninja_ok: bool) -> str | None:
     if not sources:
         return "no C++ sources ship with this installation to compile it from"
     if compiler is None:
-        return f"no C++ compiler was found to compile it (${{CXX}} or c++: {environ.get('CXX', 'c++')})"
+        cxx = environ.get("CXX")
+        where = f"CXX={cxx} does not run" if cxx else "no c++ on PATH; CXX names another"
+        return f"no C++ compiler was found to compile it ({where})"
     if not ninja_ok:
         return "ninja, which the build needs, is not installed"
     return None
