@@ -82,7 +82,7 @@ def find_prebuilt(package_dir: str) -> str | None:
 def jit_blocker(environ, sources, compiler, ninja_ok: bool) -> str | None:
     """Why the just-in-time build cannot run here (None: it can)."""
     if B.env_flag(B.ENV_NO_JIT, environ):
-        return f"compiling it at first use is turned off ({B.ENV_NO_JIT}=1)"
+        return f"compiling it at first use is turned off ({B.ENV_NO_JIT}=1; unset it to compile)"
     if not sources:
         return "no C++ sources ship with this installation to compile it from"
     if compiler is None:
