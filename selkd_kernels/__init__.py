@@ -15,7 +15,7 @@ from .cost import (class_centers, constant_cost, euclidean_cost, normalize_cost,
 from .losses.sinkhorn_kd import SinkhornKDLoss, sinkhorn_kd_loss
 from .ops.sinkhorn.api import SinkhornResult, sinkhorn, transport_plan
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "available_backends", "class_centers", "constant_cost", "euclidean_cost", "normalize_cost",
