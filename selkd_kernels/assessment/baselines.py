@@ -271,7 +271,8 @@ def nleep(features, target_labels, num_target_classes: Optional[int] = None, *,
 
     The features are reduced by PCA to the components that keep ``variance`` of the variance,
     a Gaussian mixture (full covariances) with ``component_ratio * C`` components is fitted --
-    at most N/2, so every component can own samples on a small target set -- and its posteriors
+    at most N/5, so that on a small target set every component can own a few samples -- and its
+    posteriors
     ``pi(v | x_i)`` play the source probabilities of :func:`leep`:
     ``1/N sum_i log sum_v P(y_i | v) pi(v | x_i)``. Needs scikit-learn.
     """
@@ -285,7 +286,7 @@ def nleep(features, target_labels, num_target_classes: Optional[int] = None, *,
         raise ImportError("nleep needs scikit-learn: pip install selkd-kernels[demo]") from e
     z = _pca(f, variance=variance)
     k = int(num_target_classes or y.max() + 1)
-    comps = max(1, min(component_ratio * k, f.shape[0] // 2))
+    comps = max(1, min(component_ratio * k, f.shape[0] // 5))
     gmm = GaussianMixture(n_components=comps, random_state=seed, reg_covar=1e-4).fit(z)
     return leep(gmm.predict_proba(z), y, k)
 

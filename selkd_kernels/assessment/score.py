@@ -163,40 +163,96 @@ def _standardise(features):
     return (x - x.mean(0)) / x.std(0, unbiased=False).clamp_min(1e-8)
 
 
-def _lbfgs_softmax_regression(x, y, masks, num_classes, weight_decay, max_iter):
-    """Fit ``len(masks)`` independent multinomial logistic regressions at once, model ``f``
-    on the rows ``masks[f]``: ``mean CE + weight_decay/2 ||W_f||^2`` each. The objectives are
-    separable, so minimising their sum by L-BFGS minimises each; returns (F, d, C), (F, C)."""
-    f = masks.shape[0]
-    w = torch.zeros(f, x.shape[1], num_classes, dtype=x.dtype, requires_grad=True)
-    b = torch.zeros(f, 1, num_classes, dtype=x.dtype, requires_grad=True)
-    counts = masks.sum(1).to(x.dtype)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9,
-                            tolerance_change=1e-12, history_size=20,
-                            line_search_fn="strong_wolfe")
-    y_rep = y.expand(f, -1)
+def _objective(theta, xb, y1h, weights, wd, r):
+    """Per-problem ``sum_i weights_fi CE_i + wd_f/2 ||W_f||^2`` and its gradient (closed form,
+    no autograd). theta: (F, r+1, C) with the bias as the last row."""
+    z = torch.matmul(xb, theta)                                      # (F, N, C)
+    lse = torch.logsumexp(z, -1, keepdim=True)
+    f = ((lse.squeeze(-1) - (z * y1h).sum(-1)) * weights).sum(1)
+    g = torch.matmul(xb.T, (torch.exp(z - lse) - y1h) * weights.unsqueeze(-1))
+    w = theta[:, :r]
+    f = f + 0.5 * wd * (w * w).sum((1, 2))
+    g[:, :r] += wd.view(-1, 1, 1) * w
+    return f, g
 
-    def closure():
-        opt.zero_grad()
-        z = torch.matmul(x, w) + b                                   # (F, N, C)
-        ce = torch.nn.functional.cross_entropy(z.transpose(1, 2), y_rep, reduction="none")
-        loss = ((ce * masks).sum(1) / counts).sum() + 0.5 * weight_decay * (w * w).sum()
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach(), b.detach()
+def _two_loop(g, hist_s, hist_y):
+    """L-BFGS direction ``-H g`` for every problem at once (histories: lists of (F, P))."""
+    q = g.clone()
+    alphas = []
+    for s_k, y_k in reversed(list(zip(hist_s, hist_y))):
+        rho = 1.0 / (s_k * y_k).sum(1, keepdim=True).clamp_min(1e-300)
+        a = rho * (s_k * q).sum(1, keepdim=True)
+        q -= a * y_k
+        alphas.append((rho, a))
+    if hist_s:
+        s_k, y_k = hist_s[-1], hist_y[-1]
+        q *= (s_k * y_k).sum(1, keepdim=True) / (y_k * y_k).sum(1, keepdim=True).clamp_min(1e-300)
+    for (s_k, y_k), (rho, a) in zip(zip(hist_s, hist_y), reversed(alphas)):
+        q += s_k * (a - rho * (y_k * q).sum(1, keepdim=True))
+    return -q
+
+
+def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-7,
+                         memory=10):
+    """Fit ``len(masks)`` independent multinomial logistic regressions, problem ``f`` on the
+    rows ``masks[f]`` (``mean CE + weight_decay/2 ||W_f||^2``), by one vectorised L-BFGS with
+    Armijo backtracking: each problem keeps its own history and step, and stops when its
+    largest gradient entry is below ``tol``. The problems are strictly convex, so the result is
+    the unique minimiser, independent of any random state.
+
+    ``x`` is first expressed in the basis of its thin SVD, ``x = U S V^T``: the penalised optimum
+    has ``W = V B``, so fitting ``B`` on ``U S`` (at most N columns) is the same problem with
+    fewer unknowns. Returns (W (F, d, C), b (F, C))."""
+    u, sv, vt = torch.linalg.svd(x, full_matrices=False)
+    keep = sv > sv.max() * 1e-10
+    xr = u[:, keep] * sv[keep]
+    r = xr.shape[1]
+    xb = torch.cat([xr, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    y1h = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
+    weights = masks / masks.sum(1, keepdim=True)
+    wd = torch.full((masks.shape[0],), float(weight_decay), dtype=x.dtype)
+    fdim = masks.shape[0]
+    theta = torch.zeros(fdim, r + 1, num_classes, dtype=x.dtype)
+    f, g = _objective(theta, xb, y1h, weights, wd, r)
+    hist_s, hist_y = [], []
+    active = torch.ones(fdim, dtype=torch.bool)
+    for _ in range(max_iter):
+        active &= g.flatten(1).abs().amax(1) > tol
+        if not bool(active.any()):
+            break
+        d = _two_loop(g.flatten(1), hist_s, hist_y)
+        slope = (d * g.flatten(1)).sum(1)
+        d = torch.where((slope < 0).unsqueeze(1), d, -g.flatten(1))  # keep a descent direction
+        slope = (d * g.flatten(1)).sum(1)
+        step = torch.where(active, torch.ones_like(f), torch.zeros_like(f))
+        for _ls in range(30):
+            cand = theta + (step.view(-1, 1) * d).view_as(theta)
+            f_new, g_new = _objective(cand, xb, y1h, weights, wd, r)
+            bad = active & (f_new > f + 1e-4 * step * slope)
+            if not bool(bad.any()):
+                break
+            step = torch.where(bad, step * 0.5, step)
+        s_k = (cand - theta).flatten(1)
+        y_k = (g_new - g).flatten(1)
+        theta, f, g = cand, f_new, g_new
+        hist_s.append(s_k)
+        hist_y.append(y_k)
+        if len(hist_s) > memory:
+            hist_s.pop(0)
+            hist_y.pop(0)
+    v = vt[keep].T                                                   # (d, r)
+    return torch.matmul(v, theta[:, :r]), theta[:, r]
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
-                     weight_decay: float = 1e-3, max_iter: int = 100,
+                     weight_decay: float = 1e-3, max_iter: int = 500,
                      standardize: bool = True) -> torch.Tensor:
     r"""Fit multinomial logistic regression on ``(features, labels)`` and return its logits on
     ``features`` (the fictitious student of Approximation II, scored in-sample).
 
     Minimises ``mean_i CE(y_i, W x_i + b) + weight_decay/2 ||W||^2`` in float64 with full-batch
-    L-BFGS (strong-Wolfe line search) from ``W = 0, b = 0``: strictly convex for
+    L-BFGS from ``W = 0, b = 0`` (:func:`_softmax_regressions`): strictly convex for
     ``weight_decay > 0``, so the fit is deterministic. Features are standardised per dimension
     first so one ``weight_decay`` suits embeddings of different scales.
 
@@ -213,7 +269,7 @@ def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: 
     x = _standardise(features) if standardize else features.detach().to(torch.float64)
     y = labels.to(x.device)
     masks = torch.ones(1, x.shape[0], dtype=x.dtype)
-    w, b = _lbfgs_softmax_regression(x, y, masks, num_classes, weight_decay, max_iter)
+    w, b = _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter)
     return (x @ w[0] + b[0]).to(torch.float32)
 
 
@@ -233,7 +289,7 @@ def stratified_folds(labels: torch.Tensor, folds: int, seed: int = 0) -> torch.T
 
 def cross_validated_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
                           weight_decays: Sequence[float] = DEFAULT_PROBE_GRID, folds: int = 5,
-                          max_iter: int = 100, seed: int = 0
+                          max_iter: int = 500, seed: int = 0
                           ) -> Tuple[torch.Tensor, float, List[float]]:
     r"""The fictitious student with its regularisation chosen on the target training labels.
 
@@ -265,8 +321,8 @@ def cross_validated_probe(features: torch.Tensor, labels: torch.Tensor, num_clas
     best = None
     losses = []
     for wd in grid:
-        w, b = _lbfgs_softmax_regression(x, y, train_masks, num_classes, wd, max_iter)
-        z_all = torch.matmul(x, w) + b                               # (F, N, C)
+        w, b = _softmax_regressions(x, y, train_masks, num_classes, wd, max_iter)
+        z_all = torch.matmul(x, w) + b.unsqueeze(1)                  # (F, N, C)
         oof = z_all[fold, torch.arange(len(y))]                      # each row from its own fold
         loss = float(torch.nn.functional.cross_entropy(oof, y))
         losses.append(loss)
@@ -464,7 +520,7 @@ def assess_teachers(teachers: Sequence[TeacherOutputs], labels: torch.Tensor,
                                                       torch.Tensor], torch.Tensor]] = None,
                     probe_weight_decay: float = 1e-3,
                     probe_weight_decays: Sequence[float] = DEFAULT_PROBE_GRID,
-                    probe_folds: int = 5, probe_max_iter: int = 100,
+                    probe_folds: int = 5, probe_max_iter: int = 500,
                     cost_normalize: Optional[str] = "mean", backend: str = "auto",
                     progress: bool = True) -> AssessmentResult:
     r"""Score every teacher by Eq. 24 (module docstring) and rank them (paper 1, Alg. 4). Lower
