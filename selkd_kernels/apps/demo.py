@@ -56,14 +56,16 @@ def _timed(fn):
     return out, time.perf_counter() - t0, time.process_time() - c0
 
 
-def run_seed(cfg: ZooConfig, cache_dir, progress: bool, use_cache: bool = True):
-    """Zoo, ground truth and every metric for one dataset and seed: (units, NMI rows, build s)."""
+def run_seed(cfg: ZooConfig, cache_dir, progress: bool, use_cache: bool = True,
+             sweep: bool = True):
+    """Zoo, ground truth and every metric for one dataset and seed: (zoo, units, NMI rows,
+    seconds to build the zoo)."""
     zoo, build_s, _ = _timed(lambda: build_zoo(cfg, cache_dir=cache_dir, progress=progress,
                                                use_cache=use_cache))
     all_ground_truth(zoo, progress)
     if use_cache:
         save_zoo(zoo, cache_dir)
-    units = evaluate_zoo(zoo, DEFAULT_METRIC, progress)
+    units = evaluate_zoo(zoo, DEFAULT_METRIC, progress, sweep)
     nmi = nmi_rows(zoo) if zoo.data.superclass is not None else None
     return zoo, units, nmi, build_s
 
@@ -76,7 +78,7 @@ def run_dataset(dataset: str, seeds: List[int], quick: bool, cache_dir, progress
     t0, c0 = time.perf_counter(), time.process_time()
     for seed in seeds:
         cfg = ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {}))
-        zoo, u, n, b = run_seed(cfg, cache_dir, progress, use_cache)
+        zoo, u, n, b = run_seed(cfg, cache_dir, progress, use_cache, sweep=seed == seeds[0])
         units += u
         nmi += n or []
         builds.append(b)

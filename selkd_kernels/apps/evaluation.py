@@ -179,8 +179,9 @@ def _baseline_scores(zoo, task):
     return scores, secs
 
 
-def evaluate_task(zoo: Zoo, w: int, default_metric: str) -> dict:
-    """One unit: ground truth, every metric, the sweep and the distil-or-not inputs."""
+def evaluate_task(zoo: Zoo, w: int, default_metric: str, sweep: bool = True) -> dict:
+    """One unit: ground truth, every metric, the sweep (when ``sweep``) and the distil-or-not
+    inputs."""
     gt = task_ground_truth(zoo, w)
     task = zoo.target_task(w)
     kw = dict(tau=zoo.cfg.tau, eps=zoo.cfg.eps, n_iters=100, tol=1e-6)
@@ -200,14 +201,15 @@ def evaluate_task(zoo: Zoo, w: int, default_metric: str) -> dict:
         "no_teacher": {k: gt[-1][k] for k in ("acc", "test_by_seed", "val_acc")},
         "teachers": teachers, "scores": scores, "seconds": secs,
         "probe_weight_decay_cv": [s.probe("cv")[1] for s in scorers],
-        "sweep": _sweep(scorers),
+        "sweep": _sweep(scorers) if sweep else {},
         "default_metric": default_metric, "chosen": best,
         "chosen_permutation_z": permutation_z(scorers[best], score, probe, seed=zoo.cfg.seed)}
 
 
-def evaluate_zoo(zoo: Zoo, default_metric: str, show_progress: bool = True) -> List[dict]:
+def evaluate_zoo(zoo: Zoo, default_metric: str, show_progress: bool = True,
+                 sweep: bool = True) -> List[dict]:
     """:func:`evaluate_task` for every task of the zoo."""
-    return [evaluate_task(zoo, w, default_metric)
+    return [evaluate_task(zoo, w, default_metric, sweep)
             for w in progress(zoo.task_ids, show_progress,
                               f"assess ({zoo.cfg.dataset}, seed {zoo.cfg.seed})")]
 

@@ -139,10 +139,12 @@ def distil_or_not(units: List[dict], boot: int, z_threshold: float = 2.0) -> dic
 
 
 def sensitivity(units: List[dict], boot: int) -> dict:
-    """Mean Pearson and Kendall of each sweep point of our scores, with intervals."""
+    """Mean Pearson and Kendall of each sweep point of our scores, with intervals (over the
+    units that carry a sweep: the demo sweeps the first seed only)."""
     from ..assessment.ranking import kendall, pearson
+    units = [u for u in units if u["sweep"]]
     out = {}
-    for key in units[0]["sweep"]:
+    for key in (units[0]["sweep"] if units else {}):
         p, k = [], []
         for u in units:
             acc = [t["acc"] for t in u["teachers"]]

@@ -51,7 +51,7 @@ from ..ops.sinkhorn.api import sinkhorn
 METHODS = ("approx2", "approx1", "exact")
 SCORES = ("sinkhorn", "transport", "divergence")
 PROBES = ("cv", "fixed")
-DEFAULT_PROBE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+DEFAULT_PROBE_GRID = (1e-3, 1e-2, 1e-1, 1.0)
 
 
 @dataclass
@@ -193,39 +193,33 @@ def _two_loop(g, hist_s, hist_y):
     return -q
 
 
-def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-7,
-                         memory=10):
-    """Fit ``len(masks)`` independent multinomial logistic regressions, problem ``f`` on the
-    rows ``masks[f]`` (``mean CE + weight_decay/2 ||W_f||^2``), by one vectorised L-BFGS with
-    Armijo backtracking: each problem keeps its own history and step, and stops when its
-    largest gradient entry is below ``tol``. The problems are strictly convex, so the result is
-    the unique minimiser, independent of any random state.
-
-    ``x`` is first expressed in the basis of its thin SVD, ``x = U S V^T``: the penalised optimum
-    has ``W = V B``, so fitting ``B`` on ``U S`` (at most N columns) is the same problem with
-    fewer unknowns. Returns (W (F, d, C), b (F, C))."""
+def _svd_basis(x):
+    """``x = U S V^T``: the penalised optimum has ``W = V B``, so fitting ``B`` on ``U S`` (at
+    most N columns) is the same problem with fewer unknowns. Returns ([U S, 1], V^T)."""
     u, sv, vt = torch.linalg.svd(x, full_matrices=False)
     keep = sv > sv.max() * 1e-10
     xr = u[:, keep] * sv[keep]
-    r = xr.shape[1]
-    xb = torch.cat([xr, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
-    y1h = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
-    weights = masks / masks.sum(1, keepdim=True)
-    wd = torch.full((masks.shape[0],), float(weight_decay), dtype=x.dtype)
-    fdim = masks.shape[0]
-    theta = torch.zeros(fdim, r + 1, num_classes, dtype=x.dtype)
+    return torch.cat([xr, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1), vt[keep]
+
+
+def _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol, memory=10):
+    """Vectorised L-BFGS with Armijo backtracking for independent softmax regressions (one per
+    row of ``weights``): each keeps its own history and step and stops when its largest
+    gradient entry is below ``tol``. Strictly convex problems: the unique minimiser."""
+    r = xb.shape[1] - 1
+    wd = torch.full((weights.shape[0],), float(weight_decay), dtype=xb.dtype)
     f, g = _objective(theta, xb, y1h, weights, wd, r)
     hist_s, hist_y = [], []
-    active = torch.ones(fdim, dtype=torch.bool)
+    active = torch.ones(weights.shape[0], dtype=torch.bool)
     for _ in range(max_iter):
         active &= g.flatten(1).abs().amax(1) > tol
         if not bool(active.any()):
             break
-        d = _two_loop(g.flatten(1), hist_s, hist_y)
-        slope = (d * g.flatten(1)).sum(1)
-        d = torch.where((slope < 0).unsqueeze(1), d, -g.flatten(1))  # keep a descent direction
-        slope = (d * g.flatten(1)).sum(1)
-        step = torch.where(active, torch.ones_like(f), torch.zeros_like(f))
+        gf = g.flatten(1)
+        d = _two_loop(gf, hist_s, hist_y)
+        d = torch.where(((d * gf).sum(1) < 0).unsqueeze(1), d, -gf)  # keep a descent direction
+        slope = (d * gf).sum(1)
+        step = active.to(xb.dtype)
         for _ls in range(30):
             cand = theta + (step.view(-1, 1) * d).view_as(theta)
             f_new, g_new = _objective(cand, xb, y1h, weights, wd, r)
@@ -233,16 +227,25 @@ def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1
             if not bool(bad.any()):
                 break
             step = torch.where(bad, step * 0.5, step)
-        s_k = (cand - theta).flatten(1)
-        y_k = (g_new - g).flatten(1)
-        theta, f, g = cand, f_new, g_new
-        hist_s.append(s_k)
-        hist_y.append(y_k)
+        hist_s.append((cand - theta).flatten(1))
+        hist_y.append((g_new - g).flatten(1))
         if len(hist_s) > memory:
             hist_s.pop(0)
             hist_y.pop(0)
-    v = vt[keep].T                                                   # (d, r)
-    return torch.matmul(v, theta[:, :r]), theta[:, r]
+        theta, f, g = cand, f_new, g_new
+    return theta
+
+
+def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-6):
+    """Fit ``len(masks)`` independent multinomial logistic regressions, problem ``f`` on the
+    rows ``masks[f]`` (``mean CE + weight_decay/2 ||W_f||^2``), from zero, by :func:`_lbfgs` in
+    the basis of :func:`_svd_basis`. Returns (W (F, d, C), b (F, C))."""
+    xb, vt = _svd_basis(x)
+    y1h = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
+    weights = masks / masks.sum(1, keepdim=True)
+    theta = torch.zeros(masks.shape[0], xb.shape[1], num_classes, dtype=x.dtype)
+    theta = _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol)
+    return torch.matmul(vt.T, theta[:, :-1]), theta[:, -1]
 
 
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, *,
@@ -296,7 +299,8 @@ def cross_validated_probe(features: torch.Tensor, labels: torch.Tensor, num_clas
     For every weight decay of the grid, ``folds``-fold stratified cross-validation
     (:func:`stratified_folds`; at most as many folds as the smallest class has samples) gives
     out-of-fold logits for every sample; the weight decay with the lowest mean out-of-fold
-    cross-entropy wins (ties: the larger decay), and its out-of-fold logits are returned. Each
+    cross-entropy wins (ties: the larger decay), and its out-of-fold logits are returned. The
+    grid is fitted from the largest decay down, each fit starting from the previous solution. Each
     sample is thus predicted by a probe that never saw its label.
 
     Returns: ``(logits (N, C) float32, chosen weight decay, out-of-fold log-loss per grid
@@ -317,17 +321,20 @@ def cross_validated_probe(features: torch.Tensor, labels: torch.Tensor, num_clas
         raise ValueError("labels: cross-validation needs at least 2 samples of every class")
     x, y = _standardise(features), labels
     fold = stratified_folds(y, folds, seed)
-    train_masks = torch.stack([(fold != f) for f in range(folds)]).to(x.dtype)
-    best = None
-    losses = []
-    for wd in grid:
-        w, b = _softmax_regressions(x, y, train_masks, num_classes, wd, max_iter)
-        z_all = torch.matmul(x, w) + b.unsqueeze(1)                  # (F, N, C)
-        oof = z_all[fold, torch.arange(len(y))]                      # each row from its own fold
-        loss = float(torch.nn.functional.cross_entropy(oof, y))
-        losses.append(loss)
-        if best is None or loss <= best[0]:
-            best = (loss, wd, oof)
+    masks = torch.stack([(fold != f) for f in range(folds)]).to(x.dtype)
+    xb, _ = _svd_basis(x)
+    y1h = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
+    weights = masks / masks.sum(1, keepdim=True)
+    theta = torch.zeros(folds, xb.shape[1], num_classes, dtype=x.dtype)
+    best, losses = None, {}
+    # from the strongest decay down, each fit warm-started from the previous one's solution
+    for wd in sorted(grid, reverse=True):
+        theta = _lbfgs(theta, xb, y1h, weights, wd, max_iter, 1e-6)
+        oof = torch.matmul(xb, theta)[fold, torch.arange(len(y))]   # each row from its fold
+        losses[wd] = float(torch.nn.functional.cross_entropy(oof, y))
+        if best is None or losses[wd] < best[0]:
+            best = (losses[wd], wd, oof)
+    losses = [losses[w] for w in grid]
     return best[2].to(torch.float32), float(best[1]), losses
 
 
