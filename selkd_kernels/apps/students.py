@@ -2,7 +2,8 @@ r"""Ground truth of the model zoo: students distilled from every teacher (paper 
 
 For a target task and a teacher ``h`` the student minimises (paper 1, Eq. 11)
 
-    1/n_lab sum_{labelled i} CE(y_i, z_S(x_i)) + lambda * 1/n_pool sum_{pool j} S_eps(p_T(x_j), p_S(x_j))
+    1/n_lab sum_{labelled i} CE(y_i, z_S(x_i))
+        + lambda * 1/n_pool sum_{pool j} S_eps(p_T(x_j), p_S(x_j))
 
 where the pool is the labelled shots plus the unlabelled samples of the task, and ``M`` is the
 teacher's Eq. 6-7 cost. ``lambda`` is chosen per teacher from the configuration's grid by mean

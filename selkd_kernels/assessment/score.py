@@ -202,7 +202,7 @@ def _svd_basis(x):
     return torch.cat([xr, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1), vt[keep]
 
 
-def _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol, memory=10):
+def _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol, memory=6):
     """Vectorised L-BFGS with Armijo backtracking for independent softmax regressions (one per
     row of ``weights``): each keeps its own history and step and stops when its largest
     gradient entry is below ``tol``. Strictly convex problems: the unique minimiser."""
@@ -236,7 +236,7 @@ def _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol, memory=10):
     return theta
 
 
-def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-6):
+def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-5):
     """Fit ``len(masks)`` independent multinomial logistic regressions, problem ``f`` on the
     rows ``masks[f]`` (``mean CE + weight_decay/2 ||W_f||^2``), from zero, by :func:`_lbfgs` in
     the basis of :func:`_svd_basis`. Returns (W (F, d, C), b (F, C))."""
@@ -329,7 +329,7 @@ def cross_validated_probe(features: torch.Tensor, labels: torch.Tensor, num_clas
     best, losses = None, {}
     # from the strongest decay down, each fit warm-started from the previous one's solution
     for wd in sorted(grid, reverse=True):
-        theta = _lbfgs(theta, xb, y1h, weights, wd, max_iter, 1e-6)
+        theta = _lbfgs(theta, xb, y1h, weights, wd, max_iter, 1e-5)
         oof = torch.matmul(xb, theta)[fold, torch.arange(len(y))]   # each row from its fold
         losses[wd] = float(torch.nn.functional.cross_entropy(oof, y))
         if best is None or losses[wd] < best[0]:
@@ -520,7 +520,7 @@ def _assess_one(t, labels, num_classes, o: _Options, student_logits, train_stude
 
 def assess_teachers(teachers: Sequence[TeacherOutputs], labels: torch.Tensor,
                     num_classes: Optional[int] = None, *, method: str = "approx2",
-                    score: str = "sinkhorn", probe: str = "fixed", tau: float = 3.0,
+                    score: str = "divergence", probe: str = "fixed", tau: float = 3.0,
                     eps: float = 0.1, n_iters: int = 100, tol: Optional[float] = 1e-6,
                     student_logits: Optional[torch.Tensor] = None,
                     train_student: Optional[Callable[[TeacherOutputs, torch.Tensor,
