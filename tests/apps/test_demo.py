@@ -96,3 +96,13 @@ def test_cli_checks_extras_up_front(monkeypatch):
                         lambda name, *a: None if name == "matplotlib" else real(name, *a))
     with pytest.raises(SystemExit, match=r"selkd-kernels\[demo\]"):
         demo.main(["--quick", "--no-progress"])
+
+
+@pytest.mark.slow
+def test_quick_cli_end_to_end(tmp_path):
+    rc = cli.main(["demo", "--quick", "--seeds", "1", "--jobs", "1", "--out", str(tmp_path),
+                   "--no-cache", "--no-progress"])
+    assert rc == 0
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rep["quick"] and rep["datasets"][0]["dataset"] == "synthetic"
+    assert all((tmp_path / p).stat().st_size > 0 for p in rep["plots"])
