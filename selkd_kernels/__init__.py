@@ -10,15 +10,17 @@ Main entry points::
     cost = sk.euclidean_cost(sk.teacher_class_centers(W), sk.class_centers(phi, y, C_S))
 """
 from .ops.sinkhorn.dispatch import available_backends
-from .cost import (class_centers, constant_cost, euclidean_cost, normalize_cost,
-                   random_embedding_cost, superclass_cost, teacher_class_centers)
+from .cost import (class_centers, classifier_centers, classifier_cost, constant_cost,
+                   cost_scale, euclidean_cost, normalize_cost, random_embedding_cost,
+                   superclass_cost, teacher_class_centers)
 from .losses.sinkhorn_kd import SinkhornKDLoss, sinkhorn_kd_loss
 from .ops.sinkhorn.api import SinkhornResult, sinkhorn, transport_plan
 
 from ._version import __version__  # noqa: E402
 
 __all__ = [
-    "available_backends", "class_centers", "constant_cost", "euclidean_cost", "normalize_cost",
+    "available_backends", "class_centers", "classifier_centers", "classifier_cost",
+    "constant_cost", "cost_scale", "euclidean_cost", "normalize_cost",
     "random_embedding_cost", "superclass_cost", "teacher_class_centers", "SinkhornKDLoss",
     "sinkhorn_kd_loss", "SinkhornResult", "sinkhorn", "transport_plan", "__version__",
 ]
@@ -35,18 +37,23 @@ __all__ += [
     "selkd_loss", "selkd_metrics", "selkd_predict",
 ]
 
-# teacher assessment, transferability baselines, multi-teacher distillation (issue 5)
-from .assessment.score import (AssessmentResult, TeacherOutputs, assess_teachers, fit_linear_probe,
-                         teacher_cost)
-from .assessment.baselines import (h_score, kendall, leep, logme, nce, pearson, ranking_quality, top1_regret,
-                      weighted_kendall)
+# teacher assessment (paper 1, Sec. 5), transferability baselines, ranking quality
+from .assessment.score import (AssessmentResult, TeacherOutputs, assess_teachers,  # noqa: E402
+                               cross_validated_probe, fit_linear_probe, teacher_cost,
+                               teacher_costs, transport_rows)
+from .assessment.baselines import (h_score, ledoit_wolf_shrinkage, leep, logme, nce,  # noqa: E402
+                                   nleep, parc, sfda, transrate)
+from .assessment.ranking import (kendall, pearson, ranking_quality, top1_regret,  # noqa: E402
+                                 weighted_kendall, weighted_kendall_gt)
 from .losses.multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
                             multi_teacher_sinkhorn_kd_loss)
 
 __all__ += [
-    "AssessmentResult", "TeacherOutputs", "assess_teachers", "fit_linear_probe", "teacher_cost",
-    "h_score", "kendall", "leep", "logme", "nce", "pearson", "ranking_quality", "top1_regret",
-    "weighted_kendall", "MultiTeacherSinkhornKDLoss", "assessment_weights",
+    "AssessmentResult", "TeacherOutputs", "assess_teachers", "cross_validated_probe",
+    "fit_linear_probe", "teacher_cost", "teacher_costs", "transport_rows",
+    "h_score", "ledoit_wolf_shrinkage", "leep", "logme", "nce", "nleep", "parc", "sfda",
+    "transrate", "kendall", "pearson", "ranking_quality", "top1_regret", "weighted_kendall",
+    "weighted_kendall_gt", "MultiTeacherSinkhornKDLoss", "assessment_weights",
     "multi_teacher_sinkhorn_kd_loss",
 ]
 
