@@ -58,30 +58,38 @@ __all__ += [
 ]
 
 # Modules that moved when the package was laid out as ops/, losses/, assessment/, apps/: the old
-# attribute names keep working for a while, with a DeprecationWarning naming the new home.
+# attribute names keep working for a while, with a DeprecationWarning naming the new home. A name
+# whose contents were split over several modules resolves to a module holding all of them.
 _MOVED_MODULES = {
-    "sinkhorn_reference": "selkd_kernels.ops.sinkhorn.reference",
-    "sinkhorn_cpp": "selkd_kernels.ops.sinkhorn.cpp",
-    "sinkhorn_triton": "selkd_kernels.ops.sinkhorn.triton",
-    "backends": "selkd_kernels.ops.sinkhorn.dispatch",
-    "partial_ot_reference": "selkd_kernels.ops.partial_ot.reference",
-    "partial_ot_cpp": "selkd_kernels.ops.partial_ot.cpp",
-    "partial_ot_triton": "selkd_kernels.ops.partial_ot.triton",
-    "kd_loss": "selkd_kernels.losses.sinkhorn_kd",
-    "multi_teacher": "selkd_kernels.losses.multi_teacher",
-    "metrics": "selkd_kernels.assessment.baselines",
-    "zoo": "selkd_kernels.apps.zoo",
-    "demo": "selkd_kernels.apps.demo",
-    "bench": "selkd_kernels.benchmarking.cli",
+    "sinkhorn_reference": ("selkd_kernels.ops.sinkhorn.reference",),
+    "sinkhorn_cpp": ("selkd_kernels.ops.sinkhorn.cpp",),
+    "sinkhorn_triton": ("selkd_kernels.ops.sinkhorn.triton",),
+    "backends": ("selkd_kernels.ops.sinkhorn.dispatch",),
+    "partial_ot_reference": ("selkd_kernels.ops.partial_ot.reference",),
+    "partial_ot_cpp": ("selkd_kernels.ops.partial_ot.cpp",),
+    "partial_ot_triton": ("selkd_kernels.ops.partial_ot.triton",),
+    "kd_loss": ("selkd_kernels.losses.sinkhorn_kd",),
+    "multi_teacher": ("selkd_kernels.losses.multi_teacher",),
+    "metrics": ("selkd_kernels.assessment.baselines", "selkd_kernels.assessment.ranking"),
+    "zoo": ("selkd_kernels.apps.zoo",),
+    "demo": ("selkd_kernels.apps.demo",),
+    "bench": ("selkd_kernels.benchmarking.cli",),
 }
 
 
 def __getattr__(name):
-    if name in _MOVED_MODULES:
-        import importlib
-        import warnings
-        new = _MOVED_MODULES[name]
-        warnings.warn(f"selkd_kernels.{name} moved to {new}; the old name will be removed",
-                      DeprecationWarning, stacklevel=2)
-        return importlib.import_module(new)
-    raise AttributeError(f"module 'selkd_kernels' has no attribute {name!r}")
+    if name not in _MOVED_MODULES:
+        raise AttributeError(f"module 'selkd_kernels' has no attribute {name!r}")
+    import importlib
+    import types
+    import warnings
+    homes = _MOVED_MODULES[name]
+    warnings.warn(f"selkd_kernels.{name} moved to {' and '.join(homes)}; the old name will be "
+                  f"removed", DeprecationWarning, stacklevel=2)
+    mods = [importlib.import_module(h) for h in homes]
+    if len(mods) == 1:
+        return mods[0]
+    union = types.ModuleType(f"selkd_kernels.{name}")
+    for mod in mods:
+        union.__dict__.update({k: v for k, v in vars(mod).items() if not k.startswith("_")})
+    return union
