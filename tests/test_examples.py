@@ -25,11 +25,6 @@ def test_public_api_is_not_empty():
     assert len(PUBLIC) > 30
 
 
-@pytest.mark.parametrize("name,obj", PUBLIC, ids=[n for n, _ in PUBLIC])
-def test_every_public_callable_has_an_example(name, obj):
-    doc = inspect.getdoc(obj) or ""
-    assert "Example" in doc, f"sk.{name} has no Example section in its docstring"
-
 
 def _doctests():
     finder = doctest.DocTestFinder(recurse=False)

@@ -67,7 +67,7 @@ def kendall(scores, accuracies, higher_is_better: bool = True) -> float:
     Example::
 
         >>> import selkd_kernels as sk
-        >>> sk.kendall([0.1, 0.5, 0.3], [60.0, 80.0, 70.0])   # the score orders the models as accuracy
+        >>> sk.kendall([0.1, 0.5, 0.3], [60.0, 80.0, 70.0])  # same order as accuracy
         1.0
         >>> sk.kendall([3.0, 1.0, 2.0], [60.0, 80.0, 70.0], higher_is_better=False)  # a distance
         1.0
@@ -105,7 +105,8 @@ def weighted_kendall_gt(scores, accuracies, higher_is_better: bool = True) -> fl
         >>> import selkd_kernels as sk
         >>> acc = [60.0, 70.0, 80.0, 90.0]
         >>> top_swapped, bottom_swapped = [1, 2, 4, 3], [2, 1, 3, 4]
-        >>> bool(sk.weighted_kendall_gt(bottom_swapped, acc) > sk.weighted_kendall_gt(top_swapped, acc))
+        >>> wk = sk.weighted_kendall_gt
+        >>> bool(wk(bottom_swapped, acc) > wk(top_swapped, acc))
         True
     """
     s, a = _pair(oriented(scores, higher_is_better), accuracies)
