@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import io
 import json
-import math
 import os
 import re
 import subprocess
@@ -243,17 +242,17 @@ def _resident_l2_bytes(c, elem):
     return 4 * c["BB"] * (c["BM"] + c["BN"]) * elem
 
 
-# by kernel name: which loop is hot, cost entries per trip, trips of the loops nested in it, and
-# the L2 bytes one trip moves (None: the SASS loads' bytes)
+# by kernel name: which loop is hot, cost entries per trip (triton_model), trips of the loops
+# nested in it, and the L2 bytes one trip moves (None: the SASS loads' bytes)
 HOT = {
-    "scaling-resident": ("mma-outer", lambda c: 2 * c["BB"] * c["BM"] * c["BN"],
+    "scaling-resident": ("mma-outer", TM.ENTRIES_PER_TRIP["scaling-resident"],
                          lambda c: [c["BN"] // c["BK"], c["BM"] // c["BK"]], _resident_l2_bytes),
-    "gemm-alpha": ("mma", lambda c: c["BB"] * c["BT"] * c["BK"], None, None),
-    "gemm-beta": ("mma", lambda c: c["BB"] * c["BT"] * c["BK"], None, None),
-    "gemm-check": ("mma", lambda c: c["BB"] * c["BT"] * c["BK"], None, None),
-    "gemm-finish-product": ("mma", lambda c: c["BB"] * c["BT"] * c["BK"], None, None),
-    "stabilized": ("fma", lambda c: 2 * c["BM"] * c["BN"], None, None),
-    "log-streamed": ("mufu", lambda c: c["BM"] * c["BN"], None, None),
+    "gemm-alpha": ("mma", TM.ENTRIES_PER_TRIP["gemm-alpha"], None, None),
+    "gemm-beta": ("mma", TM.ENTRIES_PER_TRIP["gemm-beta"], None, None),
+    "gemm-check": ("mma", TM.ENTRIES_PER_TRIP["gemm-check"], None, None),
+    "gemm-finish-product": ("mma", TM.ENTRIES_PER_TRIP["gemm-finish-product"], None, None),
+    "stabilized": ("fma", TM.ENTRIES_PER_TRIP["stabilized"], None, None),
+    "log-streamed": ("mufu", TM.ENTRIES_PER_TRIP["log-streamed"], None, None),
 }
 
 
@@ -335,49 +334,16 @@ def _wgmma_units(ins, loop, inner_trips) -> float:
 
 # ----------------------------------------------------------------------------- estimates
 
-def programs_per_sm(registers, shared, num_warps) -> int:
-    by_regs = 65536 // max(1, (registers or 255) * 32 * num_warps)
-    by_smem = (228 * 1024) // max(1, shared) if shared else 32
-    return max(1, min(by_regs, by_smem, 64 // num_warps, 32))
-
-
-def trips_per_program(name, c, w, rows_per_prog) -> float:
-    """Trips of the hot loop per program and launch, for workload ``w``."""
-    if name == "scaling-resident":
-        return w.n_iters
-    if name in ("gemm-alpha", "gemm-beta", "gemm-check", "gemm-finish-product"):
-        return c["LDX"] / c["BK"] if "LDX" in c else c["LDN"] / c["BK"]
-    if name == "stabilized":
-        return w.n_iters * rows_per_prog
-    if name == "log-streamed":
-        tiles = math.ceil(w.m / c["BM"]) * math.ceil(w.n / c["BN"])
-        return (2 * w.n_iters + 1) * tiles * rows_per_prog
-    return 0.0
-
-
-def estimate_step(step, info, w, problem, active: bool) -> dict:
-    """Model time of all launches of one step in one call (see triton_model)."""
-    c = step.config.consts
-    nw = step.config.num_warps
-    launches = {"once": 1, "per-iteration": w.n_iters, "per-check": 0}[step.repeat]
-    if not active or not launches:
-        return dict(estimated_us=round(1e6 * launches * TM.TRITON_LAUNCH_S, 2), launches=launches)
-    programs = math.prod(step.grid)
-    per_sm = math.ceil(programs / TM.SM_COUNT)
-    concurrent = min(per_sm, programs_per_sm(info["registers"], info["shared_bytes"], nw))
-    warps = concurrent * nw
-    rows = T._rows_per_program(problem)
-    trips = trips_per_program(step.config.name, c, w, rows)
-    cycles = TM.loop_cycles(info["rest"], nw, warps)
+def cost_record(info, num_warps) -> dict:
+    """What triton_model needs of a compiled configuration: work per trip and entry for the
+    whole program, work outside the hot loop, registers, shared memory, L2 bytes per entry."""
+    out = dict(registers=info["registers"], shared=info["shared_bytes"],
+               rest={k: round(v * num_warps, 3) for k, v in info["rest"].items()})
     if info.get("per_trip"):
-        cycles += trips * TM.loop_cycles(info["per_trip"], nw, warps)
-    compute_s = per_sm * cycles / TM.CLOCK_HZ
-    memory_s = programs * trips * info.get("ldg_bytes_per_trip", 0) / TM.L2_BYTES_PER_S
-    # the host queues launches while the GPU runs the previous ones: a launch costs its GPU
-    # time or the host's launch time, whichever is longer
-    per_launch = max(compute_s, memory_s, TM.TRITON_LAUNCH_S)
-    return dict(estimated_us=round(1e6 * launches * per_launch, 2), launches=launches,
-                bound="memory" if memory_s > compute_s else "compute")
+        e = info["entries_per_trip"]
+        out["trip"] = {k: round(v * num_warps / e, 6) for k, v in info["per_trip"].items()}
+        out["l2_per_entry"] = round(info["ldg_bytes_per_trip"] / e, 6)
+    return out
 
 
 def rooflines(w) -> dict:
@@ -392,11 +358,6 @@ def rooflines(w) -> dict:
 def _domain_of(w) -> str:
     inp = make_ot_inputs(w, "cpu", torch.float32)
     return ref.choose_method(inp.cost, w.eps, torch.float32)
-
-
-def _kind(name: str) -> str:
-    return "gemm" if name.startswith("gemm-") and "prepare" not in name and "rows" not in name \
-        else name
 
 
 def ot_records(workloads, dtypes, ops, cache, progress) -> tuple[list, list]:
@@ -425,9 +386,14 @@ def ot_records(workloads, dtypes, ops, cache, progress) -> tuple[list, list]:
                                             8 if dt == torch.float64 else 4))
                         info["per_trip_elem"] = True
                     active = step.domain in ("any", domain)
-                    est = estimate_step(step, info, w, p, active)
-                    total += est["estimated_us"]
-                    records.append(_record(cfg, step, info, est, wname, op, dt, active))
+                    cost = cost_record(info, cfg.num_warps)
+                    us = TM.step_estimate_us(step, cost, n_iters=w.n_iters, n_checks=0, m=w.m,
+                                             n=w.n, rows=T._rows_per_program(p), active=active)
+                    total += us
+                    launches = {"once": 1, "per-iteration": w.n_iters, "per-check": 0}[step.repeat]
+                    records.append(_record(cfg, step, info, dict(estimated_us=round(us, 2),
+                                                                 launches=launches),
+                                           wname, op, dt, active, cost))
                 roof = rooflines(w)
                 refe = TM.reference_estimate_us(w.B, w.m, w.n, w.n_iters, domain == "log",
                                                 8 if dt == torch.float64 else 4, op == "kd")
@@ -439,7 +405,7 @@ def ot_records(workloads, dtypes, ops, cache, progress) -> tuple[list, list]:
     return records, summary
 
 
-def _record(cfg, step, info, est, wname, op, dt, active) -> dict:
+def _record(cfg, step, info, est, wname, op, dt, active, cost) -> dict:
     return dict(kernel=cfg.name, workload=wname, op=op, dtype=str(dt).replace("torch.", ""),
                 registers=info["registers"], spill_store_bytes=info["spill_store_bytes"],
                 spill_load_bytes=info["spill_load_bytes"], shared_bytes=info["shared_bytes"],
@@ -448,16 +414,15 @@ def _record(cfg, step, info, est, wname, op, dt, active) -> dict:
                 estimated_us=est["estimated_us"], active=active, launches=est["launches"],
                 grid=list(step.grid), num_warps=cfg.num_warps,
                 config={k: v for k, v in cfg.consts.items()}, hot_loop=info.get("hot_loop"),
-                cycles_per_entry=_cpe(info, cfg.num_warps), compile_s=info["compile_s"],
-                precision=cfg.consts.get("PRECISION"))
+                cycles_per_entry=_cpe(cost), compile_s=info["compile_s"],
+                precision=cfg.consts.get("PRECISION"), cost=cost)
 
 
-def _cpe(info, nw):
-    """SM cycles per padded cost entry and half-iteration of the hot loop, one program alone on
-    an SM: what :data:`triton_model.CYCLES_PER_ENTRY` records."""
-    if not info.get("per_trip"):
+def _cpe(cost):
+    """SM cycles per padded cost entry and half-iteration of the hot loop at full issue rate."""
+    if not cost.get("trip"):
         return None
-    return round(TM.loop_cycles(info["per_trip"], nw, nw) / info["entries_per_trip"], 5)
+    return round(TM.pipe_cycles(cost["trip"]), 6)
 
 
 def open_set_records(dtypes, progress) -> tuple[list, str | None]:
@@ -491,8 +456,8 @@ def open_set_records(dtypes, progress) -> tuple[list, str | None]:
 
 
 def text_table(records, summary, skipped) -> str:
-    lines = ["Triton kernels compiled offline for sm_90 (no GPU; every time is a model, "
-             "see benchmarks/triton_report.py)", ""]
+    lines = [("Triton kernels compiled offline for sm_90 (no GPU; every time is a model, "
+              "see benchmarks/triton_report.py)"), ""]
     head = (f"{'workload':13s} {'op':5s} {'dtype':7s} {'kernel':20s} {'act':3s} {'warps':>5s} "
             f"{'regs':>4s} {'spill st/ld':>11s} {'smem':>6s} {'TC':2s} {'instr/entry':>11s} "
             f"{'est. us':>9s}")
@@ -506,8 +471,8 @@ def text_table(records, summary, skipped) -> str:
                      f"{str(r['spill_store_bytes']) + '/' + str(r['spill_load_bytes']):>11s} "
                      f"{r['shared_bytes']:6d} {'y' if r['tensor_core'] else '-':2s} {ipe:>11s} "
                      f"{est:>9s}")
-    lines += ["", "Per call (active kernels of the domain the reference's method='auto' picks; "
-              "launch overhead 4 us each included):", ""]
+    lines += ["", ("Per call (active kernels of the domain the reference's method='auto' picks; "
+                   "every launch at least 4 us of host time):"), ""]
     head = (f"{'workload':13s} {'op':5s} {'dtype':7s} {'domain':8s} {'triton est. us':>14s} "
             f"{'eager ref. us':>13s} {'ratio':>6s} {'TF32 roof':>9s} {'FP32 roof':>9s} "
             f"{'MUFU roof':>9s}")
@@ -524,19 +489,62 @@ def text_table(records, summary, skipped) -> str:
 
 def check(records) -> list[str]:
     """Failures of the static targets CI enforces: no spills in canonical float32 configs, and
-    triton_model.CYCLES_PER_ENTRY within 25 % of what the compiled kernels give."""
+    triton_model.COSTS within 25 % of what the compiled kernels give (the dispatcher's
+    estimates come from it)."""
     bad = [f"{r['workload']} {r['op']} {r['kernel']}: spills {r['spill_store_bytes']}/"
            f"{r['spill_load_bytes']} bytes" for r in records
            if r["dtype"] == "float32" and r["workload"] in OT_WORKLOADS
            and (r["spill_store_bytes"] or r["spill_load_bytes"])]
-    for r in records:
-        key = (_kind(r["kernel"]), r["dtype"])
-        want = TM.CYCLES_PER_ENTRY.get(key)
-        if r.get("cycles_per_entry") and want is not None and r["workload"] in OT_WORKLOADS:
-            if not (0.75 * want <= r["cycles_per_entry"] <= 1.25 * want):
-                bad.append(f"triton_model.CYCLES_PER_ENTRY[{key}] = {want} but {r['kernel']} "
-                           f"({r['workload']}) compiles to {r['cycles_per_entry']}")
+    for key, cost in costs_table(records).items():
+        want = TM.COSTS.get(key)
+        if want is None:
+            bad.append(f"triton_model.COSTS has no entry {key}; run --costs")
+            continue
+        got_c, want_c = TM.pipe_cycles(cost.get("trip", {})), TM.pipe_cycles(want.get("trip", {}))
+        if not (0.75 * want_c <= got_c <= 1.25 * want_c):
+            bad.append(f"triton_model.COSTS[{key}]: {want_c:.4g} cycles per entry recorded, the "
+                       f"kernel compiles to {got_c:.4g}; run --costs")
     return sorted(set(bad))
+
+
+def costs_table(records) -> dict:
+    """One cost record per (kernel, dtype) with a hot loop, from the canonical workloads (the
+    first configuration met: cifar's, then many-classes')."""
+    out = {}
+    for r in records:
+        key = (r["kernel"], r["dtype"])
+        if r["workload"] in OT_WORKLOADS and r["kernel"] in TM.ENTRIES_PER_TRIP and key not in out:
+            out[key] = r["cost"]
+    return out
+
+
+def costs_literal(records) -> str:
+    """triton_model.COSTS as Python source: the hot-loop work per entry with 4 significant
+    digits, the work outside it rounded to whole instructions."""
+    def wrap(prefix, d):
+        lines, line = [], " " * 8 + prefix + "{"
+        for item in (f"{k!r}: {v!r}" for k, v in d.items()):
+            if len(line) + len(item) + 2 > 98:
+                lines.append(line.rstrip())
+                line = " " * 12
+            line += item + ", "
+        lines.append(line[:-2] + "},")
+        return "\n".join(lines)
+
+    lines = ["COSTS = {"]
+    for key, cost in sorted(costs_table(records).items()):
+        lines.append(f"    {key!r}: dict(")
+        head = f"        registers={cost['registers']}, shared={cost['shared']},"
+        if "trip" in cost:
+            l2 = float(f"{cost['l2_per_entry']:.4g}")
+            head += f" l2_per_entry={l2!r},"
+        lines.append(head)
+        lines.append(wrap("rest=", {k: round(v) for k, v in sorted(cost["rest"].items())}))
+        if "trip" in cost:
+            lines.append(wrap("trip=", {k: float(f"{v:.4g}")
+                                        for k, v in sorted(cost["trip"].items())}))
+        lines[-1] = lines[-1][:-1] + "),"
+    return "\n".join(lines) + "\n}\n"
 
 
 def main(argv=None) -> int:
@@ -545,7 +553,9 @@ def main(argv=None) -> int:
     ap.add_argument("--text", help="write the human-readable table here (also printed)")
     ap.add_argument("--check", action="store_true",
                     help="float32 only; exit 1 on spills in canonical configurations or a stale "
-                         "triton_model.CYCLES_PER_ENTRY")
+                         "triton_model.COSTS")
+    ap.add_argument("--costs", action="store_true",
+                    help="print triton_model.COSTS as Python (to paste after a kernel change)")
     ap.add_argument("--workloads", nargs="+", default=list(OT_WORKLOADS) + ["open-set"])
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
@@ -561,6 +571,8 @@ def main(argv=None) -> int:
         records += extra
     table = text_table(records, summary, skipped)
     print(table)
+    if args.costs:
+        print(costs_literal(records))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(records, fh, indent=1)

@@ -44,7 +44,6 @@ import functools
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -151,8 +150,9 @@ def _cfg(name, fn, num_warps, **consts) -> KernelConfig:
     return KernelConfig(name, fn, tuple(sorted(consts.items())), num_warps)
 
 
-def _domains(p: Problem) -> tuple[str, str]:
-    """(scaling-path DOMAIN, log-path DOMAIN) codes, or None for a path that is not launched."""
+def _domains(p: Problem) -> tuple[int | None, int | None]:
+    """(scaling-path DOMAIN, log-path DOMAIN) codes (0: always runs, 1 / 2: runs where
+    ``method="auto"`` picks the standard / log domain), None for a path that is not launched."""
     if not p.shared or p.method == "log":
         return None, 0
     if p.method == "standard":
@@ -193,8 +193,9 @@ def _scaling_steps(p: Problem, domain: int) -> list[Step]:
         bb, nw = _resident_rows(p)
         bk = 16 if (cd == torch.float64 or min(BM, BN) < 32) else 32
         steps.append(Step(_cfg("scaling-resident", TS.scaling_resident_kernel, nw, BB=bb, BM=BM,
-                               BN=BN, BK=bk, BT=min(BM, BN, 32), KD=p.kd, TEACHER_GRAD=p.kd and p.teacher_grad,
-                               HAS_TOL=p.has_tol, DOMAIN=domain, PRECISION=prec),
+                               BN=BN, BK=bk, BT=min(BM, BN, 32), KD=p.kd,
+                               TEACHER_GRAD=p.kd and p.teacher_grad, HAS_TOL=p.has_tol,
+                               DOMAIN=domain, PRECISION=prec),
                           (triton.cdiv(p.B, bb),), domain=dname))
         return steps
     LDM, LDN = BM, BN
@@ -215,8 +216,8 @@ def _scaling_steps(p: Problem, domain: int) -> list[Step]:
     steps.append(Step(_cfg("gemm-finish-product", TG.finish_product_kernel, 4, LDN=LDN, LDM=LDM,
                            **common), (rb, LDM // bt), domain=dname))
     steps.append(Step(_cfg("gemm-finish-rows", TG.finish_rows_kernel, 4, LDM=LDM, LDN=LDN, BB=bb,
-                           BT=rows_bt, KD=p.kd, TEACHER_GRAD=p.kd and p.teacher_grad, DOMAIN=domain),
-                      (rb,), domain=dname))
+                           BT=rows_bt, KD=p.kd, TEACHER_GRAD=p.kd and p.teacher_grad,
+                           DOMAIN=domain), (rb,), domain=dname))
     return steps
 
 
@@ -259,7 +260,7 @@ def problem_for(a, b, cost, *, kd, teacher_grad=False, has_tol=False, method="au
                    method=method, sm_count=_sm_count_of(dev), interpreted=dev.type != "cuda")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -311,7 +312,7 @@ class _Call:
     p: Problem
     eps: float
     n_iters: int
-    tol: Optional[float]
+    tol: float | None
     check_every: int
     tau: float
     out: dict = field(default_factory=dict)
@@ -356,8 +357,8 @@ def _run_resident(c: _Call, step: Step, mats, lo, hi):
     pb, cc, v = (torch.empty(rows, k["BN"], dtype=cd, device=dev) for _ in range(3))
     a, b = c.a, c.b
     _launch(step, a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), *mats, lo, hi, pa, pb,
-            s, cc, u, v, r, o["alpha"], o["beta"], o["loss"], o["iters"], o["err"], o["gt"], o["gs"],
-            p.B, p.m, p.n, c.n_iters, c.check_every, c.scalar("eps"), c.scalar("unit"),
+            s, cc, u, v, r, o["alpha"], o["beta"], o["loss"], o["iters"], o["err"], o["gt"],
+            o["gs"], p.B, p.m, p.n, c.n_iters, c.check_every, c.scalar("eps"), c.scalar("unit"),
             c.scalar("inv_tau"), c.scalar("zscale"), c.scalar("tol"), c.scalar("max_range"))
 
 
@@ -466,7 +467,7 @@ class TritonBackend:
             return torch.cuda.is_available()
         return device.type == "cpu" and _interpreting() and _DEFINED_INTERPRETED
 
-    def expected_speedup(self, problem) -> Optional[float]:
+    def expected_speedup(self, problem) -> float | None:
         """Estimated speed-up over the torch reference on the same GPU for ``problem`` (a
         :class:`selkd_kernels.ops.sinkhorn.dispatch.SinkhornProblem`), from the offline compile
         report's model (:mod:`.triton_model`); None where no estimate applies (CPU tensors)."""

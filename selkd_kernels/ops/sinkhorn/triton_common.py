@@ -1,5 +1,7 @@
-r"""Device helpers shared by the Sinkhorn Triton kernels (marginals, input checks, envelope
-gradients), and the scalar conventions every kernel follows.
+r"""Device helpers shared by the Sinkhorn Triton kernels that work one row at a time (marginals,
+input checks, envelope gradients, the device-side ``method="auto"`` rule), and the scalar
+conventions every kernel follows. The row-block kernels' tiled counterparts are in
+:mod:`.triton_rows`.
 
 Marginals. A kernel either reads the marginals ``a``, ``b`` as given, or (fused distillation
 forward, ``KD``) forms them from logits as the temperature softmax of paper 1, Eq. (10),
@@ -24,48 +26,22 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
-
-
-@triton.jit
-def load_marginal_rows(ptr, s0, s1, rows, row_ok, cols, col_ok, zscale, KD: tl.constexpr,
-                       CD: tl.constexpr):
-    """``(p, bad)`` for a block of rows: ``p`` (R, K) in ``CD`` with zeros in padding lanes,
-    ``bad`` (R,) the number of offending inputs per row.
-
-    KD: ``p = softmax(z / tau)`` along the class axis, ``zscale = log2(e) / tau``.
-    """
-    mask = row_ok[:, None] & col_ok[None, :]
-    offs = rows[:, None].to(tl.int64) * s0 + cols[None, :].to(tl.int64) * s1
-    if KD:
-        z = tl.load(ptr + offs, mask=mask, other=float("-inf")).to(CD)
-        x = z * zscale
-        top = tl.max(x, 1)
-        # an all -inf row keeps top = -inf; shifting by 0 there makes every term 0 and the
-        # 0/0 softmax NaN, as torch.softmax gives it
-        top_safe = tl.where(top == float("-inf"), 0.0, top)
-        e = tl.exp2(x - top_safe[:, None])
-        p = e / tl.sum(e, 1)[:, None]
-        odd = mask & ((z != z) | (z == float("inf")))
-        bad = tl.sum(odd.to(tl.int32), 1) + (row_ok & (top == float("-inf"))).to(tl.int32)
-    else:
-        p = tl.load(ptr + offs, mask=mask, other=0.0).to(CD)
-        odd = mask & ~((p == p) & (tl.abs(p) < float("inf")))
-        bad = tl.sum(odd.to(tl.int32), 1)
-    return tl.where(mask, p, 0.0), bad
-
 
 @triton.jit
 def load_marginal_vector(ptr, stride, offs, ok, zscale, KD: tl.constexpr, CD: tl.constexpr):
-    """One row's marginal as a vector: ``(p, bad)`` with ``bad`` a scalar count (see
-    :func:`load_marginal_rows`)."""
+    """One row's marginal as a vector: ``(p, bad)``, ``p`` in ``CD`` with zeros in padding lanes
+    and ``bad`` the number of offending inputs. KD: ``p = softmax(z / tau)``, ``zscale =
+    log2(e) / tau``."""
     if KD:
         z = tl.load(ptr + offs.to(tl.int64) * stride, mask=ok, other=float("-inf")).to(CD)
         x = z * zscale
         top = tl.max(x, 0)
+        # an all -inf row keeps top = -inf; shifting by 0 there makes every term 0 and the
+        # 0/0 softmax NaN, as torch.softmax gives it
         top_safe = tl.where(top == float("-inf"), 0.0, top)
-        e = tl.exp2(x - top_safe)
+        # exponentials taken 2^64 too large and scaled back by the division: subnormal
+        # probabilities survive the flush-to-zero of the fast exp2 (torch.softmax keeps them)
+        e = tl.exp2(x - top_safe + 64.0)
         p = e / tl.sum(e, 0)
         odd = ok & ((z != z) | (z == float("inf")))
         bad = tl.sum(odd.to(tl.int32), 0) + (top == float("-inf")).to(tl.int32)
@@ -84,16 +60,9 @@ def count_bad(x, mask):
 
 
 @triton.jit
-def envelope_grad_rows(phi, p, inv_tau):
-    """``(phi - <phi, p>) p / tau`` along axis 1; ``phi`` is ignored where ``p == 0``."""
-    phi = tl.where(p > 0, phi, 0.0)
-    mean = tl.sum(phi * p, 1)
-    return (phi - mean[:, None]) * p * inv_tau
-
-
-@triton.jit
 def envelope_grad_vector(phi, p, inv_tau):
-    """:func:`envelope_grad_rows` for one row held as a vector."""
+    """``(phi - <phi, p>) p / tau`` for one row held as a vector; ``phi`` is ignored where
+    ``p == 0``."""
     phi = tl.where(p > 0, phi, 0.0)
     mean = tl.sum(phi * p, 0)
     return (phi - mean) * p * inv_tau

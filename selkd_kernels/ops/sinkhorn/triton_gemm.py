@@ -69,7 +69,7 @@ def _block_active(active_ptr, r0, lr, part_ptr, n_tiles, tol, CHECK, BB: tl.cons
     active = tl.load((active_ptr + r0) + lr) != 0
     if CHECK:
         err = tl.zeros([BB], CD)
-        for j in range(0, n_tiles):
+        for j in range(n_tiles):
             err += tl.load((part_ptr + r0 * n_tiles) + (lr * n_tiles + j))
         active = active & ~(err <= tol)
         tl.store((active_ptr + r0) + lr, active.to(tl.int32))

@@ -288,7 +288,7 @@ def log_streamed_kernel(
         if SHARED:
             cbad = _count_bad_cost(m_ptr, sm1, sm2, m, n, BM, BN)
         row0 = tl.program_id(0).to(tl.int64) * rows_per_prog
-        for rr in range(0, rows_per_prog):
+        for rr in range(rows_per_prog):
             r64 = row0 + rr
             if r64 < B:
                 a_row = a_ptr + r64 * sa0

@@ -97,7 +97,7 @@ def kernel_matrix_kernel(m_ptr, sm0, sm1, lo_ptr, hi_ptr, kh_ptr, kl_ptr, m, n,
     """``K = exp(-(M - min M)/eps)`` into ``kh`` (rows of length LDK), zero beyond ``m x n``;
     one (TM, TN) tile per program. ``"tf32x3"``: ``kh`` gets the TF32 head, ``kl`` the tail."""
     CD: tl.constexpr = kh_ptr.dtype.element_ty
-    run, bad_cost = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, _ = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         eps = tl.cast(eps_arg, CD)
         oi = tl.program_id(0) * TM + tl.arange(0, TM)

@@ -40,8 +40,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (count_bad, envelope_grad_vector, load_marginal_vector,
-                            use_standard_domain)
+from .triton_common import (
+    count_bad,
+    envelope_grad_vector,
+    load_marginal_vector,
+    use_standard_domain,
+)
 
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "B", "m", "n", "n_iters", "check_every",
                      "rows_per_prog")
@@ -198,13 +202,17 @@ def stabilized_kernel(
         a_ptr, sa0, sa1, b_ptr, sb0, sb1, c_ptr, cbad_ptr, lo_ptr, hi_ptr,
         alpha_ptr, beta_ptr, loss_ptr, iters_ptr, err_ptr, gt_ptr, gs_ptr,
         B, m, n, n_iters, check_every, rows_per_prog,
-        eps_arg: tl.float64, unit_arg: tl.float64, inv_tau_arg: tl.float64, zscale_arg: tl.float64, tol_arg: tl.float64,
+        eps_arg: tl.float64, unit_arg: tl.float64, inv_tau_arg: tl.float64,
+        zscale_arg: tl.float64, tol_arg: tl.float64,
         max_range: tl.float64, floor_arg: tl.float64, bound_arg: tl.float64,
         BM: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
         HAS_TOL: tl.constexpr, SHARED: tl.constexpr, DOMAIN: tl.constexpr):
     """Rows ``[pid * rows_per_prog, ...)`` one after another (module docstring). ``DOMAIN == 2``:
     run only where the reference's ``method="auto"`` picks the log domain (the scaling kernel
-    of the same call runs otherwise). ``unit = eps ln 2``, ``scale = log2(e) / eps``."""
+    of the same call runs otherwise). ``c``: the padded scaled cost of
+    :func:`scaled_cost_kernel` (one block, or one per row), ``cbad`` its bad-entry counts;
+    ``unit = eps ln 2``; ``floor`` and ``bound``: the validity floor of a scaling step's
+    denominators and the absorption bound of the scalings (module docstring)."""
     CD: tl.constexpr = alpha_ptr.dtype.element_ty
     run = True
     if DOMAIN == 2:
@@ -220,7 +228,7 @@ def stabilized_kernel(
         mi = oi < m
         mj = oj < n
         row0 = tl.program_id(0).to(tl.int64) * rows_per_prog
-        for rr in range(0, rows_per_prog):
+        for rr in range(rows_per_prog):
             r64 = row0 + rr
             if r64 < B:
                 if SHARED:
