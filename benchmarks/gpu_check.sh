@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command GPU check (docs/gpu.md): on a machine with one CUDA GPU, from the repository root,
 #
-#   bash benchmarks/gpu_check.sh [OUTDIR]          # OUTDIR defaults to $OUT, else ./gpu_check_out
+#   bash benchmarks/gpu_check.sh [OUTDIR]          # OUTDIR: else $OUT, else a new temp folder
 #   bash benchmarks/gpu_check.sh --dry-run [OUTDIR] # CPU only: Triton interpreter, tiny shapes
 #
 # 1. installs the package into a throwaway folder (pip --target) that is put on PYTHONPATH, so
@@ -21,7 +21,7 @@ set -uo pipefail
 DRY=0
 if [[ "${1:-}" == "--dry-run" ]]; then DRY=1; shift; fi
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
-OUTDIR="${1:-${OUT:-$REPO/gpu_check_out}}"
+OUTDIR="${1:-${OUT:-$(mktemp -d -t selkd_gpu_check.XXXXXX)}}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
 PY="${PYTHON:-python}"
@@ -157,6 +157,7 @@ EOF
   echo "total: $(( $(date +%s) - START ))s"
 } > "$SUMMARY" 2>&1
 cat "$SUMMARY"
+note "results in $OUTDIR"
 failed=0
 for s in "${phase_status[@]}"; do [[ "$s" == *"| ok |"* ]] || failed=1; done
 exit $failed
