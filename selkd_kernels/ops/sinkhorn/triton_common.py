@@ -10,8 +10,9 @@ maximum, exponentiate, divide by the sum. Padding lanes (beyond the class count,
 the batch) carry zero mass, so they drop out of every product and every sum.
 
 Bad inputs. A row whose inputs hold NaN or inf (for logits: NaN, ``+inf``, or a row that is all
-``-inf``, whose softmax is NaN) or whose cost holds one, reports a NaN loss and error, as the
-reference's ``_poison_bad_rows`` does. ``-inf`` logits are legitimate zero probabilities.
+``-inf``, whose softmax is NaN) or whose cost holds one, reports NaN in its loss, error,
+potentials and envelope gradients (every entry), as the reference's ``_poison_bad_rows`` does.
+``-inf`` logits are legitimate zero probabilities.
 
 Envelope gradients (paper 1, Prop. 4.2 / Eq. 15): ``dS/dz = (phi - <phi, p>) p / tau`` with
 ``phi`` the potential where ``p > 0`` and 0 where ``p == 0``.

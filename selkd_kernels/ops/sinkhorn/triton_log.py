@@ -225,6 +225,27 @@ def _count_bad_cost(c_row, s1, s2, m, n, BM: tl.constexpr, BN: tl.constexpr):
 
 
 @triton.jit
+def _poison_row(alpha_row, beta_row, gt_row, gs_row, m, n, BM: tl.constexpr, BN: tl.constexpr,
+                KD: tl.constexpr, TEACHER_GRAD: tl.constexpr, CD: tl.constexpr):
+    """NaN over a bad row's potentials (and KD gradients), as the reference writes them: the
+    bad-input count is only known once :func:`_finish_source` and :func:`_finish_target` have
+    stored their values, so this overwrites them after a barrier."""
+    nan_m = tl.full([BM], float("nan"), CD)
+    nan_n = tl.full([BN], float("nan"), CD)
+    for i0 in range(0, m, BM):
+        oi = i0 + tl.arange(0, BM)
+        tl.store(alpha_row + oi, nan_m, mask=oi < m)
+        if KD:
+            if TEACHER_GRAD:
+                tl.store(gt_row + oi, nan_m, mask=oi < m)
+    for j0 in range(0, n, BN):
+        oj = j0 + tl.arange(0, BN)
+        tl.store(beta_row + oj, nan_n, mask=oj < n)
+        if KD:
+            tl.store(gs_row + oj, nan_n, mask=oj < n)
+
+
+@triton.jit
 def _init_row(f_row, g_row, m, n, BM: tl.constexpr, BN: tl.constexpr, CD: tl.constexpr):
     for i0 in range(0, m, BM):
         tl.store(f_row + i0 + tl.arange(0, BM), tl.zeros([BM], CD), mask=i0 + tl.arange(0, BM) < m)
@@ -316,3 +337,7 @@ def log_streamed_kernel(
                 tl.store(err_ptr + r64, tl.where(bad, float("nan"), err))
                 tl.store(iters_ptr + r64, t)
                 tl.debug_barrier()
+                if bad:
+                    _poison_row(alpha_ptr + r64 * m, beta_ptr + r64 * n, gt_ptr + r64 * m,
+                                gs_ptr + r64 * n, m, n, BM, BN, KD, TEACHER_GRAD, CD)
+                    tl.debug_barrier()

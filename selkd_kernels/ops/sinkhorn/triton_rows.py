@@ -99,9 +99,10 @@ def side_sums(p_ptr, d_ptr, r_ptr, ld, r0, lr, size, unit, shift, BB: tl.constex
 
 
 @triton.jit
-def side_outputs(p_ptr, d_ptr, ld, r0, lr, row_ok, size, unit, shift, mean, inv_tau, pot_ptr,
-                  grad_ptr, BT: tl.constexpr, GRAD: tl.constexpr):
-    """Potentials (and with GRAD the envelope gradients, ``mean = <phi, p>``) of one side."""
+def side_outputs(p_ptr, d_ptr, ld, r0, lr, row_ok, size, unit, shift, mean, inv_tau, bad,
+                  pot_ptr, grad_ptr, BT: tl.constexpr, GRAD: tl.constexpr):
+    """Potentials (and with GRAD the envelope gradients, ``mean = <phi, p>``) of one side;
+    NaN throughout on ``bad`` rows, as the reference writes them."""
     for c0 in range(0, ld, BT):
         cols = c0 + tl.arange(0, BT)
         p = rows_tile(p_ptr, r0, lr, cols, ld)
@@ -109,10 +110,10 @@ def side_outputs(p_ptr, d_ptr, ld, r0, lr, row_ok, size, unit, shift, mean, inv_
                        + shift, float("-inf"))
         mask = row_ok[:, None] & (cols < size)[None, :]
         local = (r0 * size) + (lr[:, None] * size + cols[None, :])
-        tl.store(pot_ptr + local, phi, mask=mask)
+        tl.store(pot_ptr + local, tl.where(bad[:, None], float("nan"), phi), mask=mask)
         if GRAD:
             g = (tl.where(p > 0, phi, 0.0) - mean[:, None]) * p * inv_tau
-            tl.store(grad_ptr + local, g, mask=mask)
+            tl.store(grad_ptr + local, tl.where(bad[:, None], float("nan"), g), mask=mask)
 
 
 @triton.jit
@@ -123,14 +124,15 @@ def finish_rows(pa_ptr, pb_ptr, s_ptr, c_ptr, r_ptr, ldm, ldn, r0, lr, row_ok, m
     """All outputs of a row block: ``alpha = eps (log a - log s) + shift``, ``beta = eps (log b -
     log c)`` (as ``unit = eps ln 2`` times base-2 logarithms), the loss ``<alpha, r> + <beta, b> -
     eps sum(r)``, the error ``||r - a||_1`` (``r``: the final plan's row sums, in ``r_ptr``), the
-    iteration counts and (KD) the envelope gradients; ``bad`` rows report NaN."""
+    iteration counts and (KD) the envelope gradients; ``bad`` rows report NaN in all of them
+    but the iteration count."""
     aw, ap, rs, err = side_sums(pa_ptr, s_ptr, r_ptr, ldm, r0, lr, m, unit, shift, BB, BT, True,
                                 CD)
     bw, bp, _, _ = side_sums(pb_ptr, c_ptr, r_ptr, ldn, r0, lr, n, unit, 0.0, BB, BT, False, CD)
-    side_outputs(pa_ptr, s_ptr, ldm, r0, lr, row_ok, m, unit, shift, ap, inv_tau, alpha_ptr,
-                 gt_ptr, BT, KD and TEACHER_GRAD)
-    side_outputs(pb_ptr, c_ptr, ldn, r0, lr, row_ok, n, unit, 0.0, bp, inv_tau, beta_ptr, gs_ptr,
-                 BT, KD)
+    side_outputs(pa_ptr, s_ptr, ldm, r0, lr, row_ok, m, unit, shift, ap, inv_tau, bad,
+                 alpha_ptr, gt_ptr, BT, KD and TEACHER_GRAD)
+    side_outputs(pb_ptr, c_ptr, ldn, r0, lr, row_ok, n, unit, 0.0, bp, inv_tau, bad, beta_ptr,
+                 gs_ptr, BT, KD)
     tl.store((loss_ptr + r0) + lr, tl.where(bad, float("nan"), aw + bw - eps * rs), mask=row_ok)
     tl.store((err_ptr + r0) + lr, tl.where(bad, float("nan"), err), mask=row_ok)
     tl.store((iters_ptr + r0) + lr, iters, mask=row_ok)

@@ -177,7 +177,8 @@ def _solve_row(c_blk, oi, oj, pa, pb, n_iters, check_every, tol, floor, lo_b, hi
 def _write_row(r64, f, g, s, c, Kt, t, pa, pb, oi, oj, mi, mj, m, n, unit, eps, inv_tau, bad,
                alpha_ptr, beta_ptr, loss_ptr, iters_ptr, err_ptr, gt_ptr, gs_ptr,
                KD: tl.constexpr, TEACHER_GRAD: tl.constexpr):
-    """Potentials, loss, error, iteration count and (KD) envelope gradients of one row."""
+    """Potentials, loss, error, iteration count and (KD) envelope gradients of one row; all
+    but the count NaN on a ``bad`` row."""
     u = tl.where(pa > 0, pa / s, 0.0)
     v = tl.where(pb > 0, pb / c, 0.0)
     r = u * tl.sum(Kt * v[None, :], 1)
@@ -186,15 +187,17 @@ def _write_row(r64, f, g, s, c, Kt, t, pa, pb, oi, oj, mi, mj, m, n, unit, eps, 
     loss = (tl.sum(tl.where(pa > 0, alpha * r, 0.0), 0)
             + tl.sum(tl.where(pb > 0, beta * pb, 0.0), 0) - eps * tl.sum(r, 0))
     err = tl.sum(tl.abs(r - pa), 0)
-    tl.store(alpha_ptr + r64 * m + oi, alpha, mask=mi)
-    tl.store(beta_ptr + r64 * n + oj, beta, mask=mj)
+    tl.store(alpha_ptr + r64 * m + oi, tl.where(bad, float("nan"), alpha), mask=mi)
+    tl.store(beta_ptr + r64 * n + oj, tl.where(bad, float("nan"), beta), mask=mj)
     tl.store(loss_ptr + r64, tl.where(bad, float("nan"), loss))
     tl.store(err_ptr + r64, tl.where(bad, float("nan"), err))
     tl.store(iters_ptr + r64, t)
     if KD:
-        tl.store(gs_ptr + r64 * n + oj, envelope_grad_vector(beta, pb, inv_tau), mask=mj)
+        gs = envelope_grad_vector(beta, pb, inv_tau)
+        tl.store(gs_ptr + r64 * n + oj, tl.where(bad, float("nan"), gs), mask=mj)
         if TEACHER_GRAD:
-            tl.store(gt_ptr + r64 * m + oi, envelope_grad_vector(alpha, pa, inv_tau), mask=mi)
+            gt = envelope_grad_vector(alpha, pa, inv_tau)
+            tl.store(gt_ptr + r64 * m + oi, tl.where(bad, float("nan"), gt), mask=mi)
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
