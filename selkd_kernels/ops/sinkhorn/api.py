@@ -10,7 +10,7 @@ import torch
 
 from ... import _validation as V
 from . import reference as _ref
-from .dispatch import get_backend
+from .dispatch import describe, get_backend
 
 
 @dataclass
@@ -95,7 +95,8 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
                              f"backend='torch' or 'auto'")
         be = get_backend("torch", a.device)
     else:
-        be = get_backend(backend, a.device)
+        be = get_backend(backend, a.device,
+                         describe(a, b, cost, method=method, n_iters=n_iters, kd=False))
     if check_marginals:
         _check_marginals(a, b, be)
     if eps_scaling is not None:
