@@ -34,7 +34,8 @@ renormalised to 1, which removes the residual row-marginal error of the last ite
   the other classes at the coupling's temperature.
 * ``formulation="consistent"``: the student has ``n`` outputs; the coupling's leftover row mass
   ``1 - sum_j P_ij`` is the probability of "not selected", and unselected samples are trained
-  with ``-log(1 - sum_j P_S,ij)``. The teacher's scores are its ``n`` selected logits.
+  with ``-log(1 - sum_j P_S,ij)``. The teacher's scores are its log-probabilities of the ``n``
+  selected classes at temperature ``eps`` (:func:`open_set_teacher_scores`).
 
 With ``gamma`` the number of selected samples in the batch (``gamma="labels"``) and both couplings
 from :func:`selkd_kernels.partial_ot` at the same ``eps`` the loss is
@@ -138,16 +139,23 @@ def open_set_teacher_logits(teacher_logits: torch.Tensor, selected_classes,
 
 def open_set_teacher_scores(teacher_logits: torch.Tensor, selected_classes, *, formulation: str,
                    eps: float = 1.0) -> torch.Tensor:
-    """The teacher's open-set scores for ``formulation``: (m, n+1) merged scores (``"paper"``,
-    :func:`open_set_teacher_logits` at ``eps``) or its (m, n) selected logits
-    (``"consistent"``)."""
+    """The teacher's open-set scores for ``formulation``.
+
+    ``"paper"``: (m, n+1), the selected logits and the merged "not selected" score
+    (:func:`open_set_teacher_logits` at ``eps``). ``"consistent"``: (m, n), the teacher's
+    normalised log-probabilities of the selected classes at temperature ``eps``,
+    ``eps * log_softmax(z_T / eps)[:, selected]``, so that row ``i`` of ``K = exp(Z / eps)`` sums to
+    the teacher's probability that sample ``i`` is selected (raw logits would make the row mass
+    depend on each row's arbitrary logit offset).
+    """
     V.check_choice("formulation", formulation, set(FORMULATIONS))
     if formulation == "paper":
         return open_set_teacher_logits(teacher_logits, selected_classes, temperature=eps)
     V.check_tensor("teacher_logits", teacher_logits, (2,))
+    eps = V.check_positive("eps", eps)
     sel = check_selected(selected_classes).to(teacher_logits.device)
     _check_fits(sel, teacher_logits.shape[1], open_set=True)
-    return teacher_logits.index_select(1, sel)
+    return eps * torch.log_softmax(teacher_logits / eps, dim=1).index_select(1, sel)
 
 
 # ---- closed set --------------------------------------------------------------------------------

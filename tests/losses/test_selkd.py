@@ -167,7 +167,8 @@ def test_consistent_open_set_loss_equals_reference(method):
     zs = zs[:, :3].contiguous()
     y_loc = sk.local_labels(y, SEL, open_set=True)
     gamma = float((y_loc < 3).sum())
-    want = R.open_set_loss(zs, zt[:, SEL], y_loc, gamma, 0.8, 1.7, method, 6, "consistent")
+    zt_c = 0.8 * torch.log_softmax(zt / 0.8, 1)[:, SEL]
+    want = R.open_set_loss(zs, zt_c, y_loc, gamma, 0.8, 1.7, method, 6, "consistent")
     for be in sk.available_partial_ot_backends("cpu"):
         loss = sk.selkd_loss(zs, zt, y, SEL, open_set=True, formulation="consistent", eps=0.8,
                              weight=1.7, method=method, n_iters=6, backend=be)
@@ -247,7 +248,12 @@ def test_teacher_scores_of_both_formulations():
     _, zt, _ = _batch(closed=False)
     paper = sk.open_set_teacher_scores(zt, SEL, formulation="paper", eps=0.5)
     assert_close(paper, sk.open_set_teacher_logits(zt, SEL, temperature=0.5), name="paper")
-    assert_close(sk.open_set_teacher_scores(zt, SEL, formulation="consistent"), zt[:, SEL],
-                 name="consistent")
+    cons = sk.open_set_teacher_scores(zt, SEL, formulation="consistent", eps=0.5)
+    # K = exp(Z / eps) has row sums = the teacher's probability of a selected class at eps
+    assert_close(torch.exp(cons / 0.5).sum(1), torch.softmax(zt / 0.5, 1)[:, SEL].sum(1),
+                 rtol=1e-12, name="consistent row masses")
+    assert_close(sk.open_set_teacher_scores(zt + 7.0, SEL, formulation="consistent"),
+                 sk.open_set_teacher_scores(zt, SEL, formulation="consistent"), rtol=1e-12,
+                 atol=1e-12, name="invariant to a row's logit offset")
     with pytest.raises(ValueError, match="selected_classes"):
         sk.open_set_teacher_scores(zt, [1, 99], formulation="consistent")

@@ -9,10 +9,10 @@ with the entropy ``H(P) = -sum_ij P_ij (log P_ij - 1)`` (paper 2, Eq. 6), i.e. t
 of ``K = exp(Z / eps)`` onto ``U``. See :mod:`selkd_kernels.ops.partial_ot.reference` for the maths of
 both methods and of the gradients.
 
-Backends (same names as Sinkhorn's): "torch" (the reference, autograd through the closed form),
-"cpp" (``csrc/partial_ot_cpu.cpp``), "triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``).
-"auto" takes cpp on CPU when built, triton on CUDA, else torch. The compiled backends return
-``log P`` together with the row log-masses; their backward is the closed form
+Backends (same names as Sinkhorn's): "torch" (the reference), "cpp" (``csrc/partial_ot_cpu.cpp``),
+"triton" (CUDA, or CPU under ``TRITON_INTERPRET=1``). "auto" takes cpp on CPU when built, triton
+on CUDA, else torch. Every backend returns ``log P`` together with the row log-masses; the
+backward is the same closed form for all,
 :func:`~selkd_kernels.ops.partial_ot.reference.grad_scores`.
 """
 from __future__ import annotations
@@ -127,9 +127,9 @@ def partial_ot(scores: torch.Tensor, gamma, *, eps: float = 1.0, method: str = "
         eps: entropic regularisation (> 0); ``K = exp(Z / eps)``.
         method: ``"exact"`` (default): the closed-form KL projection onto
             ``{P 1 <= 1, 1^T P 1 = gamma}``, ``P = diag(min(kappa, 1/r_i)) K``.
-            ``"bregman"``: paper 2's Alg. 1 as written, ``n_iters`` rounds of row clipping
+            ``"bregman"``: the rounds of paper 2's Alg. 1, ``n_iters`` times a row clipping
             ``P <- P / max(P 1, 1)`` followed by the rescale ``P <- P gamma / 1^T P 1``. Without a
-            Dykstra correction this is not the projection (see the module docs).
+            Dykstra correction this is not the projection (docs/ops/partial_ot.md).
         n_iters: rounds of Alg. 1 (``"bregman"`` only).
         backend: "auto", "torch", "cpp", "triton" (see the module docs).
         labels: for ``gamma="labels"``: (m,) bool mask of selected samples, or local class indices
@@ -138,7 +138,16 @@ def partial_ot(scores: torch.Tensor, gamma, *, eps: float = 1.0, method: str = "
 
     Returns:
         (m, k) coupling ``P`` (or ``log P``), differentiable w.r.t. ``scores``. Computation is in
-        float32 (float64 for float64 input); the result has the input dtype.
+        float32 (float64 for float64 input); the result has the input dtype. Rows with a NaN or
+        ``+inf`` score are left out of the batch (NaN result), rows of ``-inf`` scores get no
+        mass; the other rows share ``min(gamma, their number)``.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.randn(8, 4)
+        >>> P = sk.partial_ot(z, 3.0, eps=0.5)
+        >>> round(float(P.sum()), 4), bool((P.sum(1) <= 1 + 1e-6).all())
+        (3.0, True)
     """
     eps, n_iters = validate_partial_ot_args(scores, eps, method, n_iters)
     m, k = scores.shape
