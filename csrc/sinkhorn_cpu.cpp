@@ -54,9 +54,15 @@ namespace {
 // The x86-64-v4 clone lets the auto-vectoriser use 512-bit registers in the per-row path (1.5x on
 // eps = 1e-3 problems on a Zen 5 core). The blocked path's vector type is explicit, so it gets a
 // separate 512-bit build below instead.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(SELKD_NO_MULTIVERSION)
-#if __GNUC__ >= 11  // the x86-64-v4 level name appeared in GCC 11
+// GCC, and clang >= 14 on ELF targets (target_clones needs ifunc), build the x86 ISA variants.
+#if defined(__x86_64__) && defined(__GNUC__) && \
+    (!defined(__clang__) || (__clang_major__ >= 14 && defined(__ELF__)))
+#define SELKD_X86_DISPATCH 1
+#else
+#define SELKD_X86_DISPATCH 0
+#endif
+#if SELKD_X86_DISPATCH && !defined(SELKD_NO_MULTIVERSION)
+#if defined(__clang__) || __GNUC__ >= 11  // the x86-64-v4 level name appeared in GCC 11
 #define SELKD_CLONES \
   __attribute__((target_clones("default", "fma", "arch=haswell", "arch=x86-64-v4")))
 #else
@@ -65,8 +71,8 @@ namespace {
 #else
 #define SELKD_CLONES
 #endif
-// The shared-cost (blocked) path also has a 512-bit build, chosen at run time by wide_vectors().
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SELKD_NO_WIDE)
+// The shared-cost (blocked) path also has a 512-bit build, chosen at run time by vector_width().
+#if SELKD_X86_DISPATCH && !defined(SELKD_NO_WIDE)
 #define SELKD_HAVE_WIDE 1
 #define SELKD_WIDE_TARGET \
   __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi2")))
@@ -78,7 +84,8 @@ namespace {
 #else
 #define SELKD_INLINE inline
 #endif
-#if defined(_OPENMP) || defined(__clang__)
+// SELKD_OPENMP_SIMD: a serial build with -fopenmp-simd (the vectorisation pragmas, no runtime)
+#if defined(_OPENMP) || defined(__clang__) || defined(SELKD_OPENMP_SIMD)
 #define SELKD_PRAGMA(x) _Pragma(#x)
 #else
 #define SELKD_PRAGMA(x)
@@ -178,32 +185,47 @@ template <typename T> constexpr T scaling_threshold();
 template <> constexpr float scaling_threshold<float>() { return 1e10f; }
 template <> constexpr double scaling_threshold<double>() { return 1e100; }
 
-// (max M - min M) / eps up to which K = exp(-(M - min M)/eps) is used directly; must equal
-// sinkhorn_reference.STANDARD_DOMAIN_MAX_RANGE so both pick the same iteration.
-template <typename T> constexpr double standard_max_range();
-template <> constexpr double standard_max_range<float>() { return 25.0; }
-template <> constexpr double standard_max_range<double>() { return 200.0; }
+// (max M - min M) / eps up to which K = exp(-(M - min M)/eps) is used directly, per compute
+// dtype. The values are the reference's STANDARD_DOMAIN_MAX_RANGE, passed in by every call so
+// that both implementations pick the same iteration from one definition.
+struct RangeLimits {
+  double f32, f64;
+  template <typename T> double of() const { return std::is_same<T, double>::value ? f64 : f32; }
+};
 
-// SIMD vector of W bytes: 32 (AVX2, the multiversioned build) or 64 (AVX-512, picked at run time
-// where the CPU and OS support it; see wide_vectors()).
+// SIMD vector of W bytes: 16 (baseline 128-bit build), 32 (the multiversioned build: AVX2 where
+// the CPU has it) or 64 (AVX-512, where the CPU and OS support it); see vector_width().
 template <typename T, int W> struct VecOf {
   typedef T type __attribute__((vector_size(W), may_alias));
 };
 
-// True when the 512-bit blocked path may run: a GCC x86-64 build, a CPU with AVX-512 enabled by
-// the OS (libgcc checks XCR0), and SELKD_CPU_VECTOR_BITS not set to "256". The variable is read
-// on every solve (a getenv, well under a microsecond) so tests and benchmarks can compare both
-// widths in one process.
-inline bool wide_vectors() {
+inline bool cpu_has_avx512() {
 #if SELKD_HAVE_WIDE
   static const bool cpu = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
                           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw");
-  if (!cpu) return false;
-  const char* bits = std::getenv("SELKD_CPU_VECTOR_BITS");
-  return bits == nullptr || std::strcmp(bits, "256") != 0;
+  return cpu;
 #else
   return false;
 #endif
+}
+
+// Vector bytes of the blocked path for this call: 64 where AVX-512 is usable, else 32, unless
+// SELKD_CPU_VECTOR_BITS holds it to 128 / 256 / 512 bits (for comparisons). The variable is read
+// on every solve (a getenv, well under a microsecond) so tests and benchmarks can compare the
+// widths in one process; any other value, or 512 where the CPU or build has no AVX-512, is a
+// ValueError rather than a silent fallback that would make a comparison meaningless.
+inline int vector_width() {
+  const char* bits = std::getenv("SELKD_CPU_VECTOR_BITS");
+  if (bits == nullptr || bits[0] == '\0') return cpu_has_avx512() ? 64 : 32;
+  if (std::strcmp(bits, "128") == 0) return 16;
+  if (std::strcmp(bits, "256") == 0) return 32;
+  TORCH_CHECK_VALUE(std::strcmp(bits, "512") == 0,
+                    "SELKD_CPU_VECTOR_BITS must be 128, 256 or 512, got '", bits, "'");
+  TORCH_CHECK_VALUE(cpu_has_avx512(), "SELKD_CPU_VECTOR_BITS=512, but this ",
+                    SELKD_HAVE_WIDE ? "CPU (or its OS) does not support AVX-512"
+                                    : "build has no 512-bit path (x86-64 with GCC or clang >= 14 only)",
+                    "; use 256 or 128");
+  return 64;
 }
 
 }  // namespace
@@ -656,8 +678,15 @@ SELKD_CLONES void blocked_worker_f32(const Problem<float>& P, int64_t b, int64_t
 SELKD_CLONES void blocked_worker_f64(const Problem<double>& P, int64_t b, int64_t e) {
   blocked_worker_impl<double, 32>(P, b, e);
 }
+// 128-bit twins (SELKD_CPU_VECTOR_BITS=128): baseline x86-64 (SSE2) code, for comparisons.
+void blocked_worker_f32_narrow(const Problem<float>& P, int64_t b, int64_t e) {
+  blocked_worker_impl<float, 16>(P, b, e);
+}
+void blocked_worker_f64_narrow(const Problem<double>& P, int64_t b, int64_t e) {
+  blocked_worker_impl<double, 16>(P, b, e);
+}
 #if SELKD_HAVE_WIDE
-// 512-bit twins of the blocked path, called only when wide_vectors() says the CPU and the OS
+// 512-bit twins of the blocked path, called only when vector_width() says the CPU and the OS
 // support AVX-512. On cores with full-width 512-bit FMA units (AMD Zen 5, Intel server cores)
 // they double the multiply-add rate of the small GEMMs that dominate the shared-cost solve.
 SELKD_WIDE_TARGET void blocked_worker_f32_wide(const Problem<float>& P, int64_t b, int64_t e) {
@@ -744,20 +773,24 @@ inline void softmax_block(const double* z, int64_t b, int64_t e, int64_t k, doub
 }
 
 // Rows per block of the blocked path: it depends on the vector width chosen at run time.
-// `wide` is decided once per solve (wide_vectors()) so the block count and every worker agree.
-template <typename T> int64_t blocked_rows_per_block(bool wide) {
-  return wide ? block_rows<T, 64>() : block_rows<T, 32>();
+// `width` (vector bytes) is decided once per solve (vector_width()) so the block count and every
+// worker agree.
+template <typename T> int64_t blocked_rows_per_block(int width) {
+  return width == 64 ? block_rows<T, 64>() : width == 16 ? block_rows<T, 16>()
+                                                         : block_rows<T, 32>();
 }
-inline void blocked_worker(const Problem<float>& P, bool wide, int64_t b, int64_t e) {
+inline void blocked_worker(const Problem<float>& P, int width, int64_t b, int64_t e) {
 #if SELKD_HAVE_WIDE
-  if (wide) return blocked_worker_f32_wide(P, b, e);
+  if (width == 64) return blocked_worker_f32_wide(P, b, e);
 #endif
+  if (width == 16) return blocked_worker_f32_narrow(P, b, e);
   blocked_worker_f32(P, b, e);
 }
-inline void blocked_worker(const Problem<double>& P, bool wide, int64_t b, int64_t e) {
+inline void blocked_worker(const Problem<double>& P, int width, int64_t b, int64_t e) {
 #if SELKD_HAVE_WIDE
-  if (wide) return blocked_worker_f64_wide(P, b, e);
+  if (width == 64) return blocked_worker_f64_wide(P, b, e);
 #endif
+  if (width == 16) return blocked_worker_f64_narrow(P, b, e);
   blocked_worker_f64(P, b, e);
 }
 inline void rows_worker(const Problem<float>& P, bool st, int64_t b, int64_t e) { rows_worker_f32(P, st, b, e); }
@@ -771,19 +804,38 @@ namespace {
 
 using detail::Problem;
 
-// 0: as the reference's method="auto", 1: "standard", 2: "log"
+// Scalar arguments of one solve. method 0: as the reference's method="auto", 1: "standard",
+// 2: "log".
+struct SolveArgs {
+  double eps;
+  int64_t n_iters;
+  double tol;  // <= 0: no tolerance
+  int64_t check_every;
+  int64_t method;
+  RangeLimits limits;
+};
+
+// Output tensors of one solve, preallocated in the compute dtype.
+struct SolveOut {
+  at::Tensor loss, alpha, beta, iters, err;
+};
+
+SolveOut empty_outputs(int64_t B, int64_t m, int64_t n, const at::TensorOptions& opts) {
+  return {at::empty({B}, opts), at::empty({B, m}, opts), at::empty({B, n}, opts),
+          at::empty({B}, opts.dtype(at::kInt)), at::empty({B}, opts)};
+}
+
 // (max M - min M) / eps; NaN for a NaN cost
 double cost_range(const at::Tensor& cost, double eps) {
   auto mm = at::aminmax(cost);
   return (std::get<1>(mm).item<double>() - std::get<0>(mm).item<double>()) / eps;
 }
 
-bool use_standard_domain(const at::Tensor& cost, double eps, int64_t method, bool is_double) {
-  if (method == 1) return true;
-  if (method == 2) return false;
+template <typename T> bool use_standard_domain(const at::Tensor& cost, const SolveArgs& s) {
+  if (s.method == 1) return true;
+  if (s.method == 2) return false;
   // a NaN range fails the comparison: the log path, like the reference
-  return cost_range(cost, eps) <=
-         (is_double ? standard_max_range<double>() : standard_max_range<float>());
+  return cost_range(cost, s.eps) <= s.limits.of<T>();
 }
 
 template <typename T>
@@ -806,87 +858,115 @@ void mark_bad_rows(const T* a, const T* b, const T* M, int64_t B, int64_t m, int
   });
 }
 
-// Solve into preallocated outputs; a, b, cost contiguous, of dtype T.
 template <typename T>
-void solve_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double eps,
-                int64_t n_iters, double tol, int64_t check_every, int64_t method,
-                at::Tensor& loss, at::Tensor& alpha, at::Tensor& beta, at::Tensor& iters,
-                at::Tensor& err) {
-  const int64_t B = a.size(0), m = a.size(1), n = b.size(1);
-  const bool shared = cost.dim() == 2;
-  if constexpr (std::is_same<T, float>::value) {
-    // float32 input with a shared cost too wide for float32 scalings (eps = 0.01 with costs in
-    // [0, 1] is the common case) but within float64's standard-domain range: the blocked GEMM
-    // iteration in float64 is both faster than the per-row stabilised path (no per-row kernel,
-    // twice the flops of float32 but register-tiled) and more accurate than float32 arithmetic.
-    if (shared && method == 0) {
-      const double range = cost_range(cost, eps);
-      if (range > standard_max_range<float>() && range <= standard_max_range<double>()) {
-        const auto d = at::kDouble;
-        at::Tensor l64 = at::empty({B}, a.options().dtype(d)), e64 = at::empty_like(l64),
-                   al64 = at::empty({B, m}, a.options().dtype(d)),
-                   be64 = at::empty({B, n}, a.options().dtype(d));
-        solve_into<double>(a.to(d), b.to(d), cost.to(d), eps, n_iters, tol, check_every,
-                           /*method=*/1, l64, al64, be64, iters, e64);
-        loss.copy_(l64);
-        alpha.copy_(al64);
-        beta.copy_(be64);
-        err.copy_(e64);
-        return;
-      }
-    }
-  }
-  std::vector<uint8_t> bad(B);
+void solve_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
+                const SolveArgs& s, SolveOut& out);
+
+// float32 input with a shared cost too wide for float32 scalings (eps = 0.01 with costs in
+// [0, 1] is the common case) but within float64's standard-domain range: the blocked GEMM
+// iteration in float64 is both faster than the per-row stabilised path (no per-row kernel, twice
+// the flops of float32 but register-tiled) and more accurate than float32 arithmetic. Returns
+// whether it solved the problem.
+bool solve_float32_in_float64_band(const at::Tensor& a, const at::Tensor& b,
+                                   const at::Tensor& cost, const SolveArgs& s, SolveOut& out) {
+  if (cost.dim() != 2 || s.method != 0) return false;
+  const double range = cost_range(cost, s.eps);
+  if (!(range > s.limits.f32 && range <= s.limits.f64)) return false;
+  const auto opts = a.options().dtype(at::kDouble);
+  SolveOut o64 = empty_outputs(a.size(0), a.size(1), b.size(1), opts);
+  o64.iters = out.iters;
+  SolveArgs s64 = s;
+  s64.method = 1;
+  solve_into<double>(a.to(at::kDouble), b.to(at::kDouble), cost.to(at::kDouble), s64, o64);
+  out.loss.copy_(o64.loss);
+  out.alpha.copy_(o64.alpha);
+  out.beta.copy_(o64.beta);
+  out.err.copy_(o64.err);
+  return true;
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
+                        const SolveArgs& s, SolveOut& out, const uint8_t* bad) {
   Problem<T> P{};
   P.a = a.data_ptr<T>();
   P.b = b.data_ptr<T>();
   P.M = cost.data_ptr<T>();
-  P.bad = bad.data();
-  P.B = B; P.m = m; P.n = n;
-  P.shared = shared;
-  P.eps = static_cast<T>(eps);
-  P.n_iters = n_iters;
-  P.use_tol = tol > 0;
-  P.tol = tol;
-  P.check_every = check_every;
-  P.loss = loss.data_ptr<T>();
-  P.alpha = alpha.data_ptr<T>();
-  P.beta = beta.data_ptr<T>();
-  P.iters = iters.data_ptr<int32_t>();
-  P.err = err.data_ptr<T>();
-  mark_bad_rows<T>(P.a, P.b, P.M, B, m, n, shared, bad.data());
+  P.bad = bad;
+  P.B = a.size(0); P.m = a.size(1); P.n = b.size(1);
+  P.shared = cost.dim() == 2;
+  P.eps = static_cast<T>(s.eps);
+  P.n_iters = s.n_iters;
+  P.use_tol = s.tol > 0;
+  P.tol = s.tol;
+  P.check_every = s.check_every;
+  P.loss = out.loss.data_ptr<T>();
+  P.alpha = out.alpha.data_ptr<T>();
+  P.beta = out.beta.data_ptr<T>();
+  P.iters = out.iters.data_ptr<int32_t>();
+  P.err = out.err.data_ptr<T>();
+  return P;
+}
 
-  const bool standard = use_standard_domain(cost, eps, method, std::is_same<T, double>::value);
-  if (shared && standard) {
-    std::vector<T> K(m * n), KT(n * m);
-    const T shift = cost.min().item<T>();
-    detail::exp_fill(K.data(), P.M, m * n, shift, T(1) / P.eps);
-    for (int64_t i = 0; i < m; ++i)
-      for (int64_t j = 0; j < n; ++j) KT[j * m + i] = K[i * n + j];
-    P.K = K.data();
-    P.KT = KT.data();
-    P.shift = shift;
-    const bool wide = wide_vectors();
-    const int64_t L = detail::blocked_rows_per_block<T>(wide);
-    const int64_t blocks = (B + L - 1) / L;
-    at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      detail::blocked_worker(P, wide, begin, end);
-    });
+// The shared-kernel path: K = exp(-(M - min M)/eps) and its transpose once, then blocks of rows
+// in parallel.
+template <typename T> void run_blocked(Problem<T>& P, const at::Tensor& cost) {
+  const int64_t m = P.m, n = P.n;
+  std::vector<T> K(m * n), KT(n * m);
+  const T shift = cost.min().item<T>();
+  detail::exp_fill(K.data(), P.M, m * n, shift, T(1) / P.eps);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) KT[j * m + i] = K[i * n + j];
+  P.K = K.data();
+  P.KT = KT.data();
+  P.shift = shift;
+  const int width = vector_width();
+  const int64_t L = detail::blocked_rows_per_block<T>(width);
+  const int64_t blocks = (P.B + L - 1) / L;
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    detail::blocked_worker(P, width, begin, end);
+  });
+}
+
+// Rows with non-finite inputs: NaN loss, error and potentials whatever the arithmetic produced.
+template <typename T> void poison_bad_rows(const Problem<T>& P) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t r = 0; r < P.B; ++r) {
+    if (!P.bad[r]) continue;
+    P.loss[r] = nan;
+    P.err[r] = nan;
+    P.iters[r] = static_cast<int32_t>(P.n_iters);
+    for (int64_t i = 0; i < P.m; ++i) P.alpha[r * P.m + i] = nan;
+    for (int64_t j = 0; j < P.n; ++j) P.beta[r * P.n + j] = nan;
+  }
+}
+
+// Solve into preallocated outputs; a, b, cost contiguous, of dtype T.
+template <typename T>
+void solve_into(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost,
+                const SolveArgs& s, SolveOut& out) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (solve_float32_in_float64_band(a, b, cost, s, out)) return;
+  }
+  std::vector<uint8_t> bad(a.size(0));
+  Problem<T> P = make_problem<T>(a, b, cost, s, out, bad.data());
+  mark_bad_rows<T>(P.a, P.b, P.M, P.B, P.m, P.n, P.shared, bad.data());
+  const bool standard = use_standard_domain<T>(cost, s);
+  if (P.shared && standard) {
+    run_blocked<T>(P, cost);
   } else {
-    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, P.B, 1, [&](int64_t begin, int64_t end) {
       detail::rows_worker(P, standard, begin, end);
     });
   }
-  // rows with non-finite inputs: NaN loss and error whatever the arithmetic produced
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int64_t r = 0; r < B; ++r) {
-    if (!bad[r]) continue;
-    P.loss[r] = nan;
-    P.err[r] = nan;
-    P.iters[r] = static_cast<int32_t>(n_iters);
-    for (int64_t i = 0; i < m; ++i) P.alpha[r * m + i] = nan;
-    for (int64_t j = 0; j < n; ++j) P.beta[r * n + j] = nan;
-  }
+  poison_bad_rows<T>(P);
+}
+
+RangeLimits range_limits(c10::ArrayRef<double> standard_range) {
+  TORCH_CHECK_VALUE(standard_range.size() == 2 && standard_range[0] > 0 && standard_range[1] > 0,
+                    "standard_range must hold the float32 and float64 limits, got ",
+                    standard_range);
+  return {standard_range[0], standard_range[1]};
 }
 
 void check_common(const at::Tensor& a, const at::Tensor& b, const at::Tensor& cost, double eps,
@@ -915,25 +995,22 @@ void check_common(const at::Tensor& a, const at::Tensor& b, const at::Tensor& co
   TORCH_CHECK_VALUE(n_iters <= std::numeric_limits<int32_t>::max(), "n_iters too large");
   TORCH_CHECK_VALUE(check_every >= 1, "check_every must be >= 1, got ", check_every);
   TORCH_CHECK_VALUE(method >= 0 && method <= 2, "method must be 0 (auto), 1 (standard) or 2 (log)");
+  (void)vector_width();  // a bad SELKD_CPU_VECTOR_BITS is an error whichever path runs
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> sinkhorn_solve_cpu(
     const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& cost_in, double eps,
-    int64_t n_iters, double tol, int64_t check_every, int64_t method) {
+    int64_t n_iters, double tol, int64_t check_every, int64_t method,
+    c10::ArrayRef<double> standard_range) {
   check_common(a_in, b_in, cost_in, eps, n_iters, check_every, method, "a", "b");
+  const SolveArgs args{eps, n_iters, tol, check_every, method, range_limits(standard_range)};
   const auto a = a_in.contiguous(), b = b_in.contiguous(), cost = cost_in.contiguous();
-  const int64_t B = a.size(0), m = a.size(1), n = b.size(1);
-  auto opts = a.options();
-  at::Tensor loss = at::empty({B}, opts), alpha = at::empty({B, m}, opts),
-             beta = at::empty({B, n}, opts), err = at::empty({B}, opts),
-             iters = at::empty({B}, opts.dtype(at::kInt));
+  SolveOut out = empty_outputs(a.size(0), a.size(1), b.size(1), a.options());
   if (a.scalar_type() == at::kDouble)
-    solve_into<double>(a, b, cost, eps, n_iters, tol, check_every, method, loss, alpha, beta,
-                       iters, err);
+    solve_into<double>(a, b, cost, args, out);
   else
-    solve_into<float>(a, b, cost, eps, n_iters, tol, check_every, method, loss, alpha, beta,
-                      iters, err);
-  return {loss, alpha, beta, iters, err};
+    solve_into<float>(a, b, cost, args, out);
+  return {out.loss, out.alpha, out.beta, out.iters, out.err};
 }
 
 // Row softmax of z / tau, computed like torch.softmax(z / tau) (divide, then shift by the max).
@@ -964,33 +1041,33 @@ void envelope_grad(const T* pot, const T* p, int64_t B, int64_t k, T tau, T* out
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 sinkhorn_kd_forward_cpu(const at::Tensor& student_in, const at::Tensor& teacher_in,
                         const at::Tensor& cost_in, double tau, double eps, int64_t n_iters,
-                        double tol, int64_t check_every, int64_t method, bool teacher_grad) {
+                        double tol, int64_t check_every, int64_t method, bool teacher_grad,
+                        c10::ArrayRef<double> standard_range) {
   // the teacher is the source a, the student the target b (paper 1, Eq. 12)
   check_common(teacher_in, student_in, cost_in, eps, n_iters, check_every, method,
                "teacher_logits", "student_logits");
   TORCH_CHECK_VALUE(tau > 0 && std::isfinite(tau), "tau must be a finite number > 0, got ", tau);
+  const SolveArgs args{eps, n_iters, tol, check_every, method, range_limits(standard_range)};
   const auto zs = student_in.contiguous(), zt = teacher_in.contiguous(),
              cost = cost_in.contiguous();
   const int64_t B = zs.size(0), n = zs.size(1), m = zt.size(1);
   auto opts = zs.options();
   at::Tensor p_t = at::empty({B, m}, opts), p_s = at::empty({B, n}, opts);
-  at::Tensor loss = at::empty({B}, opts), alpha = at::empty({B, m}, opts),
-             beta = at::empty({B, n}, opts), err = at::empty({B}, opts),
-             iters = at::empty({B}, opts.dtype(at::kInt)), g_s = at::empty({B, n}, opts),
+  SolveOut out = empty_outputs(B, m, n, opts);
+  at::Tensor g_s = at::empty({B, n}, opts),
              g_t = teacher_grad ? at::empty({B, m}, opts) : at::empty({0}, opts);
   AT_DISPATCH_FLOATING_TYPES(zs.scalar_type(), "sinkhorn_kd_forward_cpu", [&] {
     const scalar_t tau_ = static_cast<scalar_t>(tau);
     softmax_rows<scalar_t>(zt.data_ptr<scalar_t>(), B, m, tau_, p_t.data_ptr<scalar_t>());
     softmax_rows<scalar_t>(zs.data_ptr<scalar_t>(), B, n, tau_, p_s.data_ptr<scalar_t>());
-    solve_into<scalar_t>(p_t, p_s, cost, eps, n_iters, tol, check_every, method, loss, alpha,
-                         beta, iters, err);
-    envelope_grad<scalar_t>(beta.data_ptr<scalar_t>(), p_s.data_ptr<scalar_t>(), B, n, tau_,
+    solve_into<scalar_t>(p_t, p_s, cost, args, out);
+    envelope_grad<scalar_t>(out.beta.data_ptr<scalar_t>(), p_s.data_ptr<scalar_t>(), B, n, tau_,
                             g_s.data_ptr<scalar_t>());
     if (teacher_grad)
-      envelope_grad<scalar_t>(alpha.data_ptr<scalar_t>(), p_t.data_ptr<scalar_t>(), B, m, tau_,
-                              g_t.data_ptr<scalar_t>());
+      envelope_grad<scalar_t>(out.alpha.data_ptr<scalar_t>(), p_t.data_ptr<scalar_t>(), B, m,
+                              tau_, g_t.data_ptr<scalar_t>());
   });
-  return {loss, g_s, g_t, alpha, beta, iters, err};
+  return {out.loss, g_s, g_t, out.alpha, out.beta, out.iters, out.err};
 }
 
 // sk.sinkhorn's input check in one pass: bit 0 set if a has a negative entry, bit 1 if b has, bit 2
@@ -1029,16 +1106,20 @@ int64_t marginal_flags_cpu(const at::Tensor& a_in, const at::Tensor& b_in, doubl
 }
 
 // Width in bits of the vectors the shared-cost (blocked) path uses for this call's settings: 512
-// (AVX-512 build, see wide_vectors()), 256 (AVX2 clone) or 128 (baseline x86-64 clone); 0 when
-// the compiler picked the width (non-GCC or non-x86 builds).
+// (AVX-512 build, see vector_width()), 256 (AVX2 clone) or 128 (baseline x86-64 code, or the
+// 256-bit type lowered to 128-bit instructions on a CPU without AVX2); 0 when the compiler
+// picked the instructions (builds without the x86 ISA variants).
 int64_t cpu_vector_bits() {
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  if (wide_vectors()) return 512;
+  const int width = vector_width();  // validates SELKD_CPU_VECTOR_BITS on every build
+#if SELKD_X86_DISPATCH
+  if (width == 64) return 512;
+  if (width == 16) return 128;
 #if !defined(SELKD_NO_MULTIVERSION)
   if (__builtin_cpu_supports("avx2")) return 256;
 #endif
   return 128;
 #else
+  (void)width;
   return 0;
 #endif
 }
@@ -1048,13 +1129,14 @@ int64_t cpu_vector_bits() {
 // The one TORCH_LIBRARY block of the `selkd` namespace; other files add ops with
 // TORCH_LIBRARY_FRAGMENT(selkd, m).
 TORCH_LIBRARY(selkd, m) {
+  // standard_range: the reference's STANDARD_DOMAIN_MAX_RANGE for float32 and float64
   m.def("sinkhorn_solve(Tensor a, Tensor b, Tensor cost, float eps, int n_iters, float tol, "
-        "int check_every, int method) -> (Tensor loss, Tensor alpha, Tensor beta, Tensor iters, "
-        "Tensor err)");
+        "int check_every, int method, float[2] standard_range) -> (Tensor loss, Tensor alpha, "
+        "Tensor beta, Tensor iters, Tensor err)");
   m.def("sinkhorn_kd_forward(Tensor student_logits, Tensor teacher_logits, Tensor cost, "
         "float tau, float eps, int n_iters, float tol, int check_every, int method, "
-        "bool teacher_grad) -> (Tensor loss, Tensor grad_student, Tensor grad_teacher, "
-        "Tensor alpha, Tensor beta, Tensor iters, Tensor err)");
+        "bool teacher_grad, float[2] standard_range) -> (Tensor loss, Tensor grad_student, "
+        "Tensor grad_teacher, Tensor alpha, Tensor beta, Tensor iters, Tensor err)");
   m.def("marginal_flags(Tensor a, Tensor b, float tol) -> int");
   // no tensor arguments, so no dispatch key: a catch-all kernel
   m.def("cpu_vector_bits() -> int", &cpu_vector_bits);

@@ -10,15 +10,17 @@ Main entry points::
     cost = sk.euclidean_cost(sk.teacher_class_centers(W), sk.class_centers(phi, y, C_S))
 """
 from .ops.sinkhorn.dispatch import available_backends
-from .cost import (class_centers, constant_cost, euclidean_cost, normalize_cost,
-                   random_embedding_cost, superclass_cost, teacher_class_centers)
+from .cost import (class_centers, classifier_centers, classifier_cost, constant_cost,
+                   cost_scale, euclidean_cost, normalize_cost, random_embedding_cost,
+                   superclass_cost, teacher_class_centers)
 from .losses.sinkhorn_kd import SinkhornKDLoss, sinkhorn_kd_loss
 from .ops.sinkhorn.api import SinkhornResult, sinkhorn, transport_plan
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
-    "available_backends", "class_centers", "constant_cost", "euclidean_cost", "normalize_cost",
+    "available_backends", "class_centers", "classifier_centers", "classifier_cost",
+    "constant_cost", "cost_scale", "euclidean_cost", "normalize_cost",
     "random_embedding_cost", "superclass_cost", "teacher_class_centers", "SinkhornKDLoss",
     "sinkhorn_kd_loss", "SinkhornResult", "sinkhorn", "transport_plan", "__version__",
 ]
@@ -46,17 +48,59 @@ __all__ += [
     "attention_transfer_loss", "factor_transfer_loss", "fitnet_loss", "CombinedLoss",
 ]
 
-# teacher assessment, transferability baselines, multi-teacher distillation (issue 5)
-from .assessment.score import (AssessmentResult, TeacherOutputs, assess_teachers, fit_linear_probe,
-                         teacher_cost)
-from .assessment.baselines import (h_score, kendall, leep, logme, nce, pearson, ranking_quality, top1_regret,
-                      weighted_kendall)
+# teacher assessment (paper 1, Sec. 5), transferability baselines, ranking quality
+from .assessment.score import (AssessmentResult, TeacherOutputs, assess_teachers,  # noqa: E402
+                               cross_validated_probe, fit_linear_probe, teacher_cost,
+                               teacher_costs, transport_rows)
+from .assessment.baselines import (h_score, ledoit_wolf_shrinkage, leep, logme, nce,  # noqa: E402
+                                   nleep, parc, sfda, transrate)
+from .assessment.ranking import (kendall, pearson, ranking_quality, top1_regret,  # noqa: E402
+                                 weighted_kendall, weighted_kendall_gt)
 from .losses.multi_teacher import (MultiTeacherSinkhornKDLoss, assessment_weights,
                             multi_teacher_sinkhorn_kd_loss)
 
 __all__ += [
-    "AssessmentResult", "TeacherOutputs", "assess_teachers", "fit_linear_probe", "teacher_cost",
-    "h_score", "kendall", "leep", "logme", "nce", "pearson", "ranking_quality", "top1_regret",
-    "weighted_kendall", "MultiTeacherSinkhornKDLoss", "assessment_weights",
+    "AssessmentResult", "TeacherOutputs", "assess_teachers", "cross_validated_probe",
+    "fit_linear_probe", "teacher_cost", "teacher_costs", "transport_rows",
+    "h_score", "ledoit_wolf_shrinkage", "leep", "logme", "nce", "nleep", "parc", "sfda",
+    "transrate", "kendall", "pearson", "ranking_quality", "top1_regret", "weighted_kendall",
+    "weighted_kendall_gt", "MultiTeacherSinkhornKDLoss", "assessment_weights",
     "multi_teacher_sinkhorn_kd_loss",
 ]
+
+# Modules that moved when the package was laid out as ops/, losses/, assessment/, apps/: the old
+# attribute names keep working for a while, with a DeprecationWarning naming the new home. A name
+# whose contents were split over several modules resolves to a module holding all of them.
+_MOVED_MODULES = {
+    "sinkhorn_reference": ("selkd_kernels.ops.sinkhorn.reference",),
+    "sinkhorn_cpp": ("selkd_kernels.ops.sinkhorn.cpp",),
+    "sinkhorn_triton": ("selkd_kernels.ops.sinkhorn.triton",),
+    "backends": ("selkd_kernels.ops.sinkhorn.dispatch",),
+    "partial_ot_reference": ("selkd_kernels.ops.partial_ot.reference",),
+    "partial_ot_cpp": ("selkd_kernels.ops.partial_ot.cpp",),
+    "partial_ot_triton": ("selkd_kernels.ops.partial_ot.triton",),
+    "kd_loss": ("selkd_kernels.losses.sinkhorn_kd",),
+    "multi_teacher": ("selkd_kernels.losses.multi_teacher",),
+    "metrics": ("selkd_kernels.assessment.baselines", "selkd_kernels.assessment.ranking"),
+    "zoo": ("selkd_kernels.apps.zoo",),
+    "demo": ("selkd_kernels.apps.demo",),
+    "bench": ("selkd_kernels.benchmarking.cli",),
+}
+
+
+def __getattr__(name):
+    if name not in _MOVED_MODULES:
+        raise AttributeError(f"module 'selkd_kernels' has no attribute {name!r}")
+    import importlib
+    import types
+    import warnings
+    homes = _MOVED_MODULES[name]
+    warnings.warn(f"selkd_kernels.{name} moved to {' and '.join(homes)}; the old name will be "
+                  f"removed", DeprecationWarning, stacklevel=2)
+    mods = [importlib.import_module(h) for h in homes]
+    if len(mods) == 1:
+        return mods[0]
+    union = types.ModuleType(f"selkd_kernels.{name}")
+    for mod in mods:
+        union.__dict__.update({k: v for k, v in vars(mod).items() if not k.startswith("_")})
+    return union

@@ -6,6 +6,8 @@ Eq. 6-8; ablations of Table 8; docs/cost.md).
 * Teacher class centres: stored centres when available, otherwise the teacher classifier's weight
   vectors, L2-normalised (Eq. 8), :func:`teacher_class_centers`.
 * ``M_mn = ||e_T,m - e_S,n||_2`` (Eq. 7), :func:`euclidean_cost`, optionally normalised.
+* Eq. 8 with both sets of centres in one space and on one scale, :func:`classifier_cost`:
+  classifier rows and student class means are both centred, then both L2-normalised.
 * Table 8 ablations: :func:`constant_cost` (I), :func:`random_embedding_cost` (II),
   :func:`superclass_cost` (III).
 
@@ -66,19 +68,87 @@ def teacher_class_centers(classifier_weight: torch.Tensor, normalize: bool = Tru
     return w / norms
 
 
+def _unit_rows(name, x):
+    norms = x.norm(dim=1, keepdim=True)
+    if bool((norms == 0).any()):
+        raise ValueError(f"{name} has a row that is zero after centring; it has no direction")
+    return x / norms
+
+
+def classifier_centers(classifier_weight: torch.Tensor, features: torch.Tensor,
+                       labels: torch.Tensor, num_classes: int):
+    r"""Teacher and student class centres for Eq. 8, in one space and on one scale.
+
+    A linear classifier ``z = W phi + b`` is unchanged (after the softmax) when one vector is
+    added to every row of ``W``, so only ``W``'s rows relative to their mean carry class
+    information, and only features relative to their mean point anywhere: ReLU features are all
+    non-negative, so raw class means all point into the same orthant. Both sides are therefore
+    centred and then L2-normalised::
+
+        e_T,m = norm(W_m - mean_k W_k)             e_S,n = norm(c_n - mean_k c_k)
+
+    with ``c_n`` the class means of ``features`` (Eq. 6); for classes of equal size
+    ``mean_k c_k`` is the mean feature. Returns ``(e_T, e_S)``, shapes (C_T, d) and (C_S, d).
+
+    Example::
+
+        e_t, e_s = classifier_centers(teacher.head.weight, teacher.features(x), y, C_S)
+        cost = euclidean_cost(e_t, e_s)
+    """
+    V.check_tensor("classifier_weight", classifier_weight, (2,))
+    V.check_tensor("features", features, (2,))
+    if classifier_weight.shape[1] != features.shape[1]:
+        raise ValueError(f"classifier_weight has {classifier_weight.shape[1]} columns but features "
+                         f"has dimension {features.shape[1]}; both must be the teacher's embedding")
+    w = classifier_weight.detach().to(features.dtype)
+    c = class_centers(features.detach(), labels, num_classes)
+    return (_unit_rows("classifier_weight", w - w.mean(0, keepdim=True)),
+            _unit_rows("features", c - c.mean(0, keepdim=True)))
+
+
+def classifier_cost(classifier_weight: torch.Tensor, features: torch.Tensor,
+                    labels: torch.Tensor, num_classes: int,
+                    normalize: Optional[str] = None) -> torch.Tensor:
+    r"""The (C_T, C_S) cost of Eq. 7-8 from a teacher's classifier weight alone:
+    ``M_mn = ||e_T,m - e_S,n||`` with the centred, normalised centres of
+    :func:`classifier_centers`. Entries lie in [0, 2]; 0 when a target class's mean feature points
+    where a teacher class's weight row points.
+
+    Args:
+        classifier_weight: (C_T, d) last-layer weight (``nn.Linear.weight`` layout).
+        features: (N, d) teacher embeddings of the target training samples.
+        labels: (N,) target labels; num_classes: C_S.
+        normalize: see :func:`normalize_cost`.
+
+    Example::
+
+        with torch.no_grad():
+            cost = classifier_cost(teacher.fc.weight, teacher.features(x), y, C_S, normalize="mean")
+    """
+    e_t, e_s = classifier_centers(classifier_weight, features, labels, num_classes)
+    return euclidean_cost(e_t, e_s, normalize=normalize)
+
+
+def cost_scale(cost: torch.Tensor, mode: Optional[str] = "max") -> float:
+    """The number :func:`normalize_cost` divides by: the cost's max, mean or median entry
+    (1 for ``mode=None``)."""
+    V.check_choice("mode", mode, _NORMALISATIONS)
+    if mode is None:
+        return 1.0
+    scale = float({"max": cost.amax, "mean": cost.mean, "median": cost.median}[mode]())
+    if not scale > 0:
+        raise ValueError(f"cost has {mode} {scale} <= 0; cannot normalise by it")
+    return scale
+
+
 def normalize_cost(cost: torch.Tensor, mode: Optional[str] = "max") -> torch.Tensor:
     """Divide the cost by its max, mean or median (``mode=None`` returns it unchanged).
 
     Scaling M by ``c`` is the same problem as scaling eps by ``1/c``; normalising makes eps
     comparable across teachers and keeps the standard-domain iteration usable.
     """
-    V.check_choice("mode", mode, _NORMALISATIONS)
-    if mode is None:
-        return cost
-    scale = {"max": cost.amax, "mean": cost.mean, "median": cost.median}[mode]()
-    if not bool(scale > 0):
-        raise ValueError(f"cost has {mode} {float(scale)} <= 0; cannot normalise by it")
-    return cost / scale
+    scale = cost_scale(cost, mode)
+    return cost if mode is None else cost / scale
 
 
 def euclidean_cost(teacher_centers: torch.Tensor, student_centers: torch.Tensor,

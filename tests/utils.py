@@ -2,9 +2,9 @@
 
 Every kernel test draws its inputs from the generators here, so that a backend is always checked
 on the same kind of problem as the reference: marginals with optional exact zeros, costs on a
-given scale (shared or per row), logits, and open-set scores. Generators take an explicit
-``seed`` and build in float64 before casting, so a float32 problem and its float64 twin hold the
-same (exactly representable) values.
+given scale (shared or per row) and logits. Generators draw from torch's global generator (which
+``tests/conftest.py`` seeds before every test) or from an explicit ``seed``, and build in float64
+before casting, so a float32 problem and its float64 twin hold the same values.
 """
 from __future__ import annotations
 
@@ -27,24 +27,26 @@ TOL = {
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
-def generator(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+def generator(seed: int | None) -> torch.Generator | None:
+    """A generator seeded with ``seed``, or None (torch's global generator) for ``seed=None``."""
+    return None if seed is None else torch.Generator().manual_seed(seed)
 
 
-def marginals(B: int, k: int, dtype=torch.float64, *, seed: int = 0, spread: float = 2.0,
+def marginals(B: int, k: int, dtype=torch.float64, *, seed: int | None = None, spread: float = 2.0,
               zeros: bool = False, device="cpu") -> torch.Tensor:
-    """(B, k) probability rows, softmax of ``spread``-scaled normals; with ``zeros`` (k > 2) two
-    entries of every row are set to exactly 0 before renormalising."""
+    """(B, k) probability rows, softmax of ``spread``-scaled normals; with ``zeros`` (k > 2)
+    column 1 of every row and the last entry of row 0 are exactly 0 (renormalised), so zeros
+    shared by all rows and zeros of one row are both covered."""
     p = torch.softmax(spread * torch.randn(B, k, dtype=torch.float64, generator=generator(seed)),
                       -1)
     if zeros and k > 2:
-        p[:, 0] = 0.0
-        p[:, k // 2] = 0.0
+        p[:, 1] = 0.0
+        p[0, -1] = 0.0
         p = p / p.sum(-1, keepdim=True)
     return p.to(dtype=dtype, device=device)
 
 
-def cost(m: int, n: int, dtype=torch.float64, *, seed: int = 1, scale: float = 1.0,
+def cost(m: int, n: int, dtype=torch.float64, *, seed: int | None = None, scale: float = 1.0,
          batch: int | None = None, device="cpu") -> torch.Tensor:
     """Uniform costs in ``[0, scale]``: (m, n) shared, or (batch, m, n) per row."""
     shape = (m, n) if batch is None else (batch, m, n)
@@ -52,19 +54,20 @@ def cost(m: int, n: int, dtype=torch.float64, *, seed: int = 1, scale: float = 1
     return M.to(dtype=dtype, device=device)
 
 
-def logits(B: int, k: int, dtype=torch.float64, *, seed: int = 2, scale: float = 3.0,
+def logits(B: int, k: int, dtype=torch.float64, *, seed: int | None = None, scale: float = 3.0,
            device="cpu") -> torch.Tensor:
     """(B, k) logits, ``scale``-scaled normals."""
     z = scale * torch.randn(B, k, dtype=torch.float64, generator=generator(seed))
     return z.to(dtype=dtype, device=device)
 
 
-def ot_problem(B: int, m: int, n: int, dtype=torch.float64, *, seed: int = 0, scale: float = 1.0,
-               per_row: bool = False, zeros: bool = False, device="cpu"):
+def ot_problem(B: int, m: int, n: int, dtype=torch.float64, *, seed: int | None = None,
+               scale: float = 1.0, per_row: bool = False, zeros: bool = False, device="cpu"):
     """``(a, b, M)`` for one batched OT problem."""
-    a = marginals(B, m, dtype, seed=seed, zeros=zeros, device=device)
-    b = marginals(B, n, dtype, seed=seed + 1, zeros=zeros, device=device)
-    M = cost(m, n, dtype, seed=seed + 2, scale=scale, batch=B if per_row else None,
+    seeds = (None, None, None) if seed is None else (seed, seed + 1, seed + 2)
+    a = marginals(B, m, dtype, seed=seeds[0], zeros=zeros, device=device)
+    b = marginals(B, n, dtype, seed=seeds[1], zeros=zeros, device=device)
+    M = cost(m, n, dtype, seed=seeds[2], scale=scale, batch=B if per_row else None,
              device=device)
     return a, b, M
 

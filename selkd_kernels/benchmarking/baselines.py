@@ -1,8 +1,8 @@
 """Baselines written the way a PyTorch or POT user would write them without this package.
 
-They solve exactly the problems of :mod:`selkd_kernels.ops.sinkhorn.reference` and :mod:`selkd_kernels.ops.partial_ot.reference` (same
-iteration order, same starting point, same reported value), so a timing ratio against them
-compares implementations, not problems. The loss uses the primal identity of docs/ops/sinkhorn.md,
+They solve exactly the problems of :mod:`selkd_kernels.ops.sinkhorn.reference` and
+:mod:`selkd_kernels.ops.partial_ot.reference` (same iteration order, same starting point, same
+reported value), so a timing ratio against them compares implementations, not problems. The loss uses the primal identity of docs/ops/sinkhorn.md,
 ``<alpha, r> + <beta, b> - eps * sum(r)``, which is the entropic objective of the final plan.
 """
 from __future__ import annotations
@@ -12,14 +12,14 @@ import warnings
 import numpy as np
 import torch
 
-# Largest max(M)/eps for which exp(-M/eps) is used as is (no shift by min M, as users write it);
-# the same bound the reference applies to its own standard-domain choice for float32.
-SCALING_MAX_RATIO = {torch.float32: 25.0, torch.float64: 200.0}
+from ..ops.sinkhorn.reference import STANDARD_DOMAIN_MAX_RANGE
 
 
 def scaling_is_safe(cost: torch.Tensor, eps: float) -> bool:
-    """Whether exp(-M/eps) and the scalings built from it stay well inside the dtype's range."""
-    limit = SCALING_MAX_RATIO.get(cost.dtype, 25.0)
+    """Whether exp(-M/eps) and the scalings built from it stay well inside the dtype's range:
+    the reference's own standard-domain bound, applied to max|M| because a plain loop does not
+    shift the cost by its minimum."""
+    limit = STANDARD_DOMAIN_MAX_RANGE.get(cost.dtype, STANDARD_DOMAIN_MAX_RANGE[torch.float32])
     return float(cost.abs().max()) / eps <= limit
 
 

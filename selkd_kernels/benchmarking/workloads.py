@@ -8,7 +8,6 @@ temperature, and a cost in [0, 1] from the distances between random class centre
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Optional
 
 import torch
 
@@ -219,7 +218,3 @@ def resolve_workloads(names, quick: bool = False) -> list[Workload]:
             raise ValueError(f"unknown workload {name!r}; choose from {sorted(WORKLOADS)}")
         out.append(table[name])
     return out
-
-
-def find_workload(name: str, quick: bool = False) -> Optional[Workload]:
-    return (QUICK_WORKLOADS if quick else WORKLOADS).get(name)

@@ -37,29 +37,34 @@ import torch
 
 from ... import _extension
 from ... import _validation as V
-from .reference import KDForward, SolveOutput
+from .reference import STANDARD_DOMAIN_MAX_RANGE, KDForward, SolveOutput
 
 _extension.require_ops("sinkhorn_solve", "sinkhorn_kd_forward", "cpu_vector_bits",
                        "marginal_flags")
 
 _METHOD_CODE = {"auto": 0, "standard": 1, "log": 2}
+# the kernels choose the iteration by the reference's own range limits
+_STANDARD_RANGE = [STANDARD_DOMAIN_MAX_RANGE[torch.float32], STANDARD_DOMAIN_MAX_RANGE[torch.float64]]
 
 
 def _register_fakes():
-    # Output shapes and dtypes only; the dtype is the (already widened) input dtype.
+    # Output shapes and dtypes for tracing (torch.compile, FakeTensor); the shape relations are
+    # checked with torch._check so a traced graph fails at the op, as the kernel would.
     try:
         @torch.library.register_fake("selkd::sinkhorn_solve")
-        def _solve_fake(a, b, cost, eps, n_iters, tol, check_every, method):
+        def _solve_fake(a, b, cost, eps, n_iters, tol, check_every, method, standard_range):
             B, m = a.shape
             n = b.shape[1]
+            _check_fake_shapes(a, b, cost)
             return (a.new_empty((B,)), a.new_empty((B, m)), a.new_empty((B, n)),
                     a.new_empty((B,), dtype=torch.int32), a.new_empty((B,)))
 
         @torch.library.register_fake("selkd::sinkhorn_kd_forward")
         def _kd_fake(student_logits, teacher_logits, cost, tau, eps, n_iters, tol, check_every,
-                     method, teacher_grad):
+                     method, teacher_grad, standard_range):
             B, n = student_logits.shape
             m = teacher_logits.shape[1]
+            _check_fake_shapes(teacher_logits, student_logits, cost)
             z = student_logits
             g_t = z.new_empty((B, m)) if teacher_grad else z.new_empty((0,))
             return (z.new_empty((B,)), z.new_empty((B, n)), g_t, z.new_empty((B, m)),
@@ -67,6 +72,19 @@ def _register_fakes():
     except RuntimeError:
         # already registered: this module was reloaded in the same process
         pass
+
+
+def _check_fake_shapes(a, b, cost):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "marginals must be 2-D")
+    torch._check(a.shape[0] == b.shape[0], lambda: "marginals must share the batch size")
+    torch._check(a.dtype == b.dtype == cost.dtype, lambda: "inputs must share one dtype")
+    if cost.dim() == 2:
+        torch._check(cost.shape[0] == a.shape[1] and cost.shape[1] == b.shape[1],
+                     lambda: "cost must be (m, n)")
+    else:
+        torch._check(cost.dim() == 3 and cost.shape[0] == a.shape[0] and
+                     cost.shape[1] == a.shape[1] and cost.shape[2] == b.shape[1],
+                     lambda: "cost must be (m, n) or (B, m, n)")
 
 
 _register_fakes()
@@ -104,7 +122,7 @@ class CppBackend:
         cd = V.compute_dtype(a, b, cost)
         loss, alpha, beta, iters, err = torch.ops.selkd.sinkhorn_solve(
             a.to(cd), b.to(cd), cost.to(cd), float(eps), int(n_iters), _tol_arg(tol),
-            int(check_every), _METHOD_CODE[method])
+            int(check_every), _METHOD_CODE[method], _STANDARD_RANGE)
         return SolveOutput(loss, alpha, beta, iters, err)
 
     def kd_forward(self, student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol,
@@ -113,7 +131,7 @@ class CppBackend:
         loss, g_s, g_t, alpha, beta, iters, err = torch.ops.selkd.sinkhorn_kd_forward(
             student_logits.to(cd), teacher_logits.to(cd), cost.to(cd), float(tau), float(eps),
             int(n_iters), _tol_arg(tol), int(check_every), _METHOD_CODE[method],
-            bool(teacher_grad))
+            bool(teacher_grad), _STANDARD_RANGE)
         return KDForward(loss, g_s, g_t if teacher_grad else None, alpha, beta, iters, err)
 
 
