@@ -54,6 +54,14 @@ def nce(source_labels, target_labels) -> float:
         source_labels: (N,) source-label of each sample, or (N, C_src) source probabilities or
             logits (then the argmax is taken, as in the paper's use of hard source labels).
         target_labels: (N,) target labels.
+
+    Example::
+
+        >>> import selkd_kernels as sk
+        >>> sk.nce([0, 0, 1, 1], [1, 1, 0, 0])      # the source labels determine the target labels
+        0.0
+        >>> round(sk.nce([0, 1, 0, 1], [1, 1, 0, 0]), 4)   # independent of them: -H(Y) = -log 2
+        -0.6931
     """
     z = source_labels.detach().cpu().numpy() if isinstance(source_labels, torch.Tensor) \
         else np.asarray(source_labels)
@@ -88,6 +96,17 @@ def leep(source_probs, target_labels, num_target_classes: Optional[int] = None) 
         source_probs: (N, C_src) source softmax probabilities (rows sum to 1).
         target_labels: (N,) target labels.
         num_target_classes: number of target classes (default: max label + 1).
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> y = np.array([0, 0, 1, 1])
+        >>> sharp = np.array([[.9, .1], [.9, .1], [.1, .9], [.1, .9]])   # source classes follow y
+        >>> flat = np.full((4, 2), 0.5)                                   # an uninformative source
+        >>> round(sk.leep(flat, y), 4)                                    # -log 2
+        -0.6931
+        >>> bool(sk.leep(sharp, y) > sk.leep(flat, y))
+        True
     """
     theta = V.check_probability_rows("source_probs", V.check_array("source_probs", source_probs, 2))
     y = V.check_label_array("target_labels", target_labels, theta.shape[0], num_target_classes)
@@ -210,7 +229,15 @@ def logme(features, target_labels, num_target_classes: Optional[int] = None, *,
 def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
     r"""Ledoit & Wolf's (2004) optimal shrinkage intensity for the covariance of the centred
     rows of ``x`` towards ``mu I`` (``mu`` the mean eigenvalue): ``min(b^2, d^2) / d^2`` with
-    ``d^2 = ||S - mu I||_F^2 / D`` and ``b^2 = 1/N^2 sum_i ||x_i x_i^T - S||_F^2 / D``."""
+    ``d^2 = ||S - mu I||_F^2 / D`` and ``b^2 = 1/N^2 sum_i ||x_i x_i^T - S||_F^2 / D``.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> x = np.random.default_rng(0).normal(size=(10, 50))   # fewer samples than dimensions
+        >>> 0.5 < sk.ledoit_wolf_shrinkage(x) <= 1
+        True
+    """
     x = V.check_array("x", x, 2)
     x = x - x.mean(0, keepdims=True)
     n, d = x.shape
@@ -238,6 +265,16 @@ def h_score(features, target_labels, num_target_classes: Optional[int] = None, *
     Args:
         shrinkage: None (Bao et al.), ``"ledoit-wolf"`` (alpha by
             :func:`ledoit_wolf_shrinkage`, Ibrahim et al.'s choice) or a number in [0, 1].
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.arange(90) % 3
+        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
+        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
+        >>> bool(sk.h_score(good, y) > sk.h_score(bad, y))
+        True
     """
     f = V.check_array("features", features, 2)
     y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
@@ -275,6 +312,16 @@ def nleep(features, target_labels, num_target_classes: Optional[int] = None, *,
     posteriors
     ``pi(v | x_i)`` play the source probabilities of :func:`leep`:
     ``1/N sum_i log sum_v P(y_i | v) pi(v | x_i)``. Needs scikit-learn.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.arange(90) % 3
+        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
+        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
+        >>> bool(sk.nleep(good, y) > sk.nleep(bad, y))
+        True
     """
     f = V.check_array("features", features, 2)
     y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
@@ -353,6 +400,16 @@ def sfda(features, target_labels, num_target_classes: Optional[int] = None) -> f
        published).
 
     Needs scipy.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.arange(90) % 3
+        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
+        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
+        >>> bool(sk.sfda(good, y) > sk.sfda(bad, y))
+        True
     """
     f = V.check_array("features", features, 2)
     y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
@@ -383,6 +440,16 @@ def parc(features, target_labels, num_target_classes: Optional[int] = None, *,
     dissimilarity matrices are ``1 - corr(f_i, f_j)`` (Pearson between the feature vectors of
     two samples) and ``1 - corr(onehot(y_i), onehot(y_j))``, and their upper triangles are
     rank-correlated. Needs scipy.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.arange(90) % 3
+        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
+        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
+        >>> bool(sk.parc(good, y) > sk.parc(bad, y))
+        True
     """
     f = V.check_array("features", features, 2)
     y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
@@ -415,6 +482,16 @@ def transrate(features, target_labels, num_target_classes: Optional[int] = None,
     (``n`` the rows of that ``Z``; per-class rates weighted equally, as in the authors' code).
     Large when the whole set needs many more bits than the classes do separately, i.e. when the
     classes are well separated.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> rng = np.random.default_rng(0)
+        >>> y = np.arange(90) % 3
+        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
+        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
+        >>> bool(sk.transrate(good, y) > sk.transrate(bad, y))
+        True
     """
     f = V.check_array("features", features, 2)
     y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)

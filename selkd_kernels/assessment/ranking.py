@@ -62,7 +62,16 @@ def pearson(scores, accuracies, higher_is_better: bool = True) -> float:
 
 def kendall(scores, accuracies, higher_is_better: bool = True) -> float:
     """Kendall's tau-b between the (oriented) score and accuracy (NaN when either is
-    constant)."""
+    constant).
+
+    Example::
+
+        >>> import selkd_kernels as sk
+        >>> sk.kendall([0.1, 0.5, 0.3], [60.0, 80.0, 70.0])  # same order as accuracy
+        1.0
+        >>> sk.kendall([3.0, 1.0, 2.0], [60.0, 80.0, 70.0], higher_is_better=False)  # a distance
+        1.0
+    """
     s, a = _pair(oriented(scores, higher_is_better), accuracies)
     return float(_stats().kendalltau(s, a)[0])
 
@@ -71,7 +80,16 @@ def weighted_kendall(scores, accuracies, higher_is_better: bool = True) -> float
     r"""Weighted Kendall's tau as the transferability literature reports it:
     ``scipy.stats.weightedtau`` with its defaults (Vigna 2015; hyperbolic weight
     ``1/(r + 1)`` of the rank ``r``, averaged over the rankings by score and by accuracy), so a
-    swap among the top models costs more than one among the worst."""
+    swap among the top models costs more than one among the worst.
+
+    Example::
+
+        >>> import selkd_kernels as sk
+        >>> acc = [60.0, 70.0, 80.0, 90.0]
+        >>> top_swapped, bottom_swapped = [1, 2, 4, 3], [2, 1, 3, 4]
+        >>> bool(sk.weighted_kendall(bottom_swapped, acc) > sk.weighted_kendall(top_swapped, acc))
+        True
+    """
     s, a = _pair(oriented(scores, higher_is_better), accuracies)
     return float(_stats().weightedtau(s, a)[0])
 
@@ -80,14 +98,31 @@ def weighted_kendall_gt(scores, accuracies, higher_is_better: bool = True) -> fl
     """Weighted Kendall's tau with the weights taken from the *ground-truth* ranking only
     (``weightedtau(..., rank=`` the accuracy's ranks ``)``): every metric compared on one task is
     then weighted identically. Not the literature's convention (:func:`weighted_kendall`);
-    reported beside it, labelled."""
+    reported beside it, labelled.
+
+    Example::
+
+        >>> import selkd_kernels as sk
+        >>> acc = [60.0, 70.0, 80.0, 90.0]
+        >>> top_swapped, bottom_swapped = [1, 2, 4, 3], [2, 1, 3, 4]
+        >>> wk = sk.weighted_kendall_gt
+        >>> bool(wk(bottom_swapped, acc) > wk(top_swapped, acc))
+        True
+    """
     s, a = _pair(oriented(scores, higher_is_better), accuracies)
     return float(_stats().weightedtau(s, a, rank=np.argsort(np.argsort(-a)))[0])
 
 
 def top1_regret(scores, accuracies, higher_is_better: bool = True) -> float:
     """Accuracy lost by picking the best-scored model instead of the most accurate one:
-    ``max(acc) - acc[argmax oriented score]`` (ties broken by the first index), >= 0."""
+    ``max(acc) - acc[argmax oriented score]`` (ties broken by the first index), >= 0.
+
+    Example::
+
+        >>> import selkd_kernels as sk
+        >>> sk.top1_regret([0.9, 0.5, 0.3], [70.0, 80.0, 60.0])  # picked 70%, best 80%
+        10.0
+    """
     s, a = _pair(oriented(scores, higher_is_better), accuracies)
     return float(a.max() - a[int(np.argmax(s))])
 

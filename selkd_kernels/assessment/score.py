@@ -123,6 +123,21 @@ class AssessmentResult:
         probe_weight_decay: (H,) the fictitious student's weight decay (chosen per teacher for
             ``probe="cv"``; None for other methods).
         rows: per teacher, the (N,) per-sample values whose mean is the score.
+
+    Example::
+
+        >>> import torch, selkd_kernels as sk
+        >>> _ = torch.manual_seed(0)
+        >>> y = torch.arange(150) % 3                    # the target task: 3 classes
+        >>> w = torch.eye(5, 6)                          # teachers: 5 classes on 6-d features
+        >>> def teacher(name, signal):                   # teacher classes 0-2 follow the target's
+        ...     phi = torch.randn(150, 6)
+        ...     phi[:, :3] += signal * torch.eye(3)[y]
+        ...     return sk.TeacherOutputs(name, phi, phi @ w.T, classifier_weight=w)
+        >>> r = sk.assess_teachers([teacher("unrelated", 0.0), teacher("related", 5.0)], y, 3,
+        ...                        progress=False)
+        >>> r.best_name, r.ranking
+        ('related', [1, 0])
     """
     names: List[str]
     scores: torch.Tensor
