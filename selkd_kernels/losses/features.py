@@ -135,7 +135,14 @@ class FitNetLoss(torch.nn.Module):
 
 def attention_map(features: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     r"""(B, H W) normalised attention ``Q = A / ||A||_2``, ``A = mean_c |F_c|^p`` of a (B, C, H, W)
-    map; for (B, D) vectors ``A = |F|^p`` (module docs). An all-zero map gives a zero ``Q``."""
+    map; for (B, D) vectors ``A = |F|^p`` (module docs). An all-zero map gives a zero ``Q``.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> q = sk.attention_map(torch.randn(2, 8, 4, 4))
+        >>> q.shape, [round(float(v), 4) for v in q.norm(dim=1)]
+        (torch.Size([2, 16]), [1.0, 1.0])
+    """
     V.check_tensor("features", features, (2, 4))
     p = V.check_positive("p", p)
     a = features.abs().pow(p)

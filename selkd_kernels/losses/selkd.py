@@ -100,6 +100,11 @@ def local_labels(target: torch.Tensor, selected_classes, *, open_set: bool,
     Selected class ``selected_classes[j]`` becomes ``j``. Other labels become ``n`` ("not selected")
     when ``open_set``; in the closed set they are an error. With ``num_classes`` (the teacher's N)
     labels outside ``[0, N)`` raise ``ValueError`` instead of becoming "not selected".
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> sk.local_labels(torch.tensor([7, 3, 2, 4]), [7, 2, 4], open_set=True).tolist()
+        [0, 3, 1, 2]
     """
     target = V.check_labels("target", target, num_classes=num_classes)
     sel = check_selected(selected_classes).to(target.device)
@@ -121,7 +126,14 @@ def open_set_teacher_logits(teacher_logits: torch.Tensor, selected_classes,
     ``softmax(result / T)`` equals the teacher's ``softmax(z / T)`` with all unselected classes
     merged into one column. The merge is exact only at the temperature it was made for, so the
     open-set loss merges at its coupling's ``eps``. This is the teacher side of the ``"paper"``
-    formulation; the ``"consistent"`` one uses ``teacher_logits[:, selected_classes]``.
+    formulation; the ``"consistent"`` one uses :func:`open_set_teacher_scores`.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.randn(4, 10)
+        >>> merged = torch.softmax(sk.open_set_teacher_logits(z, [7, 2, 4]), 1)
+        >>> torch.allclose(merged[:, 3], 1 - torch.softmax(z, 1)[:, [7, 2, 4]].sum(1))
+        True
     """
     temperature = V.check_positive("temperature", temperature)
     V.check_tensor("teacher_logits", teacher_logits, (2,))
@@ -147,6 +159,14 @@ def open_set_teacher_scores(teacher_logits: torch.Tensor, selected_classes, *, f
     ``eps * log_softmax(z_T / eps)[:, selected]``, so that row ``i`` of ``K = exp(Z / eps)`` sums to
     the teacher's probability that sample ``i`` is selected (raw logits would make the row mass
     depend on each row's arbitrary logit offset).
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.randn(4, 10)
+        >>> s = sk.open_set_teacher_scores(z, [7, 2, 4], formulation="consistent", eps=2.0)
+        >>> mass = torch.exp(s / 2.0).sum(1)          # row mass of K = teacher's P(selected)
+        >>> torch.allclose(mass, torch.softmax(z / 2.0, 1)[:, [7, 2, 4]].sum(1))
+        True
     """
     V.check_choice("formulation", formulation, set(FORMULATIONS))
     if formulation == "paper":
@@ -193,7 +213,16 @@ def closed_set_selkd_loss(student_logits, teacher_logits, target, selected_class
                           coupling: str = "softmax", sinkhorn_iters: int = 50,
                           backend: str = "auto") -> torch.Tensor:
     """Closed-set SelKD loss (module docs); ``target`` in the teacher's numbering, or None for
-    the distillation term alone."""
+    the distillation term alone. The functional form of ``SelKDLoss(selected_classes)``.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> zs = torch.randn(6, 3, requires_grad=True)
+        >>> loss = sk.closed_set_selkd_loss(zs, torch.randn(6, 10), torch.tensor([7, 2, 4, 4, 2, 7]),
+        ...                                 [7, 2, 4])
+        >>> loss.backward(); zs.grad.shape
+        torch.Size([6, 3])
+    """
     _check_pair(student_logits, teacher_logits)
     tau = V.check_positive("tau", tau)
     weight = V.check_nonnegative("weight", weight)

@@ -55,6 +55,13 @@ class SelKDPrediction:
         sample_pred: (m,) the batch-independent per-sample rule (module docs), or None
             (``"consistent"`` without ``log_kappa``).
         sample_not_selected_score: (m,) its "not selected" score, or None.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.tensor([[6.0, 0.0, 0.0], [0.0, 0.0, 0.0]])   # 2 classes + "not selected"
+        >>> out = sk.selkd_predict(z, 1.0, backend="torch")   # one row's worth of mass
+        >>> out.pred.tolist(), out.gamma        # the heavy row keeps it: class 0; the other n = 2
+        ([0, 2], 1.0)
     """
     pred: torch.Tensor
     not_selected_score: torch.Tensor
@@ -74,6 +81,12 @@ def selected_posterior(student_scores: torch.Tensor, *, formulation: str = "pape
 
     ``"paper"``: ``1 - softmax(Z_i / eps)_n``; ``"consistent"``: ``min(exp(l_i + log_kappa), 1)``
     with ``l_i = logsumexp_j(Z_ij / eps)`` and ``log_kappa`` from :func:`selkd_log_kappa`.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 2.0]])  # 2 classes + "not selected"
+        >>> [round(float(p), 4) for p in sk.selected_posterior(z)]   # 1 - softmax(z)[:, 2]
+        [0.6667, 0.213]
     """
     V.check_tensor("student_scores", student_scores, (2,))
     V.check_choice("formulation", formulation, set(_po_ref.FORMULATIONS))
@@ -333,7 +346,13 @@ def fpr_at_tpr(scores, positives, tpr: float = 0.95) -> float:
 
 def balanced_accuracy(pred, target) -> float:
     """Mean over the classes present in ``target`` of the recall of each (scikit-learn's
-    ``balanced_accuracy_score``)."""
+    ``balanced_accuracy_score``): answering one class always scores ``1 / #classes``.
+
+    Example:
+        >>> import selkd_kernels as sk
+        >>> sk.balanced_accuracy([2, 2, 2, 2], [0, 1, 2, 2])   # always "not selected" (n = 2)
+        0.3333333333333333
+    """
     p = torch.as_tensor(pred).detach().cpu().long()
     y = torch.as_tensor(target).detach().cpu().long()
     if p.shape != y.shape or p.dim() != 1 or p.numel() == 0:

@@ -27,7 +27,13 @@ METHODS = _ref.METHODS
 
 
 def available_partial_ot_backends(device=None) -> list:
-    """Partial-OT backends that can run here, optionally only those that run on ``device``."""
+    """Partial-OT backends that can run here, optionally only those that run on ``device``.
+
+    Example:
+        >>> import selkd_kernels as sk
+        >>> "torch" in sk.available_partial_ot_backends("cpu")   # the reference always runs
+        True
+    """
     return available_backends(device)
 
 
