@@ -148,7 +148,7 @@ def test_factor_transfer_module(spatial):
     s = _feat(*shape_s, seed=22, dtype=torch.float32).requires_grad_()
     with pytest.raises(RuntimeError, match="fit_paraphraser"):
         crit(s, t)
-    before = float(crit.reconstruction_loss(t))
+    before = float(crit.reconstruction_loss(t).detach())
     crit.fit_paraphraser(t, steps=60, lr=1e-2)
     assert float(crit.reconstruction_loss(t)) < 0.7 * before
     loss = crit(s, t)
