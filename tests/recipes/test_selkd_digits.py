@@ -43,8 +43,13 @@ def test_quick_run_writes_every_row(recipe, tmp_path):
                                             "per-subtask open"}
     assert res["cpu_s"] > 0 and res["feature_weights"]["at"] == 1000 / 16
     assert any(d["metric"] == "auroc" for d in res["paired_selkd_minus_kd"])
-    table = recipe.markdown(res)
-    assert table.count("\n| SelKD |") == 4 and table.count("| consistent | SelKD |") == 4
+    closed, open_ = recipe.markdown(res).split("\n\n")
+    for table, cols in ((closed, 4), (open_, 6)):
+        lines = table.splitlines()
+        assert len(lines) == 2 + len(grid) and all(ln.count("|") == cols + 1 for ln in lines)
+    # paper 2's numbers sit in their rows, "-" where it has no such row
+    assert "| SelKD | ft | 95.09 |" in closed and "| KD | none | - |" in closed
+    assert "| no-KD | none | 82.30 |" in open_ and "| SelKD | none | - |" in open_
 
 
 def test_labelled_split_is_stratified_and_disjoint(recipe):
