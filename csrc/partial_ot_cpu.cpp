@@ -295,11 +295,10 @@ void loss_rows(const T* s, const T* t, const int64_t* y, int64_t m, int64_t k, d
   });
 }
 
-// Fused open-set loss (both formulations, reference.open_set_loss) and dL/dZ_S in one call.
-std::tuple<at::Tensor, at::Tensor> partial_ot_loss_cpu(
-    const at::Tensor& zs_in, const at::Tensor& zt_in, const at::Tensor& target_in,
-    const at::Tensor& gamma_t, double eps, double lam, int64_t method, int64_t n_iters,
-    int64_t formulation, double floor) {
+// User errors of the fused loss's tensors and loss parameters (ValueError in Python).
+void check_loss_args(const at::Tensor& zs_in, const at::Tensor& zt_in,
+                     const at::Tensor& target_in, double lam, int64_t formulation,
+                     double floor) {
   check_scores(zs_in, "student_scores");
   check_scores(zt_in, "teacher_scores");
   TORCH_CHECK_VALUE(zs_in.sizes() == zt_in.sizes(), "teacher_scores must have shape ",
@@ -315,6 +314,14 @@ std::tuple<at::Tensor, at::Tensor> partial_ot_loss_cpu(
                     "formulation must be 0 (paper) or 1 (consistent), got ", formulation);
   TORCH_CHECK_VALUE(lam >= 0 && std::isfinite(lam), "lam must be a finite number >= 0");
   TORCH_CHECK_VALUE(floor > 0 && floor < 1, "floor must be in (0, 1)");
+}
+
+// Fused open-set loss (both formulations, reference.open_set_loss) and dL/dZ_S in one call.
+std::tuple<at::Tensor, at::Tensor> partial_ot_loss_cpu(
+    const at::Tensor& zs_in, const at::Tensor& zt_in, const at::Tensor& target_in,
+    const at::Tensor& gamma_t, double eps, double lam, int64_t method, int64_t n_iters,
+    int64_t formulation, double floor) {
+  check_loss_args(zs_in, zt_in, target_in, lam, formulation, floor);
   check_args(eps, method, n_iters);
   const double gamma = read_gamma(gamma_t);
   const at::Tensor zs = zs_in.contiguous();
