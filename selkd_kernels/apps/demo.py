@@ -214,12 +214,7 @@ def _plot_fig5(res, plt, out_dir) -> str:
     ax.set_xlabel("class overlap ratio g (%)")
     ax.set_ylabel("student test accuracy (%)")
     ax.set_title(f"{res['dataset']}: {res['summary']['units']} tasks x seeds, 95% CI")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = os.path.join(out_dir, f"fig5_accuracy_vs_overlap_{res['dataset']}.png")
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    return p
+    return _save(fig, ax, plt, out_dir, f"fig5_accuracy_vs_overlap_{res['dataset']}.png")
 
 
 def _yerr(bs):
@@ -244,9 +239,13 @@ def _plot_ranking(res, plt, out_dir) -> str:
     ax.axvline(0, color="grey", lw=0.5)
     ax.invert_yaxis()
     ax.set_xlabel("correlation with distilled-student accuracy (95% CI)")
+    return _save(fig, ax, plt, out_dir, f"ranking_quality_{res['dataset']}.png")
+
+
+def _save(fig, ax, plt, out_dir, name) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = os.path.join(out_dir, f"ranking_quality_{res['dataset']}.png")
+    p = os.path.join(out_dir, name)
     fig.savefig(p, dpi=110)
     plt.close(fig)
     return p

@@ -269,11 +269,10 @@ def h_score(features, target_labels, num_target_classes: Optional[int] = None, *
     Example::
 
         >>> import numpy as np, selkd_kernels as sk
-        >>> rng = np.random.default_rng(0)
-        >>> y = np.arange(90) % 3
-        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
-        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
-        >>> bool(sk.h_score(good, y) > sk.h_score(bad, y))
+        >>> y = np.repeat([0, 1, 2], 30)
+        >>> f = np.random.default_rng(0).normal(size=(90, 6))     # no class information
+        >>> lw = dict(shrinkage="ledoit-wolf")
+        >>> bool(sk.h_score(f + 4 * np.eye(6)[y], y, **lw) > sk.h_score(f, y, **lw))
         True
     """
     f = V.check_array("features", features, 2)
@@ -316,11 +315,10 @@ def nleep(features, target_labels, num_target_classes: Optional[int] = None, *,
     Example::
 
         >>> import numpy as np, selkd_kernels as sk
-        >>> rng = np.random.default_rng(0)
-        >>> y = np.arange(90) % 3
-        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
-        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
-        >>> bool(sk.nleep(good, y) > sk.nleep(bad, y))
+        >>> rng = np.random.default_rng(1)
+        >>> y = rng.integers(0, 2, size=100)
+        >>> separated = np.array([[-3.0, 0.0], [3.0, 0.0]])[y] + rng.normal(size=(100, 2))
+        >>> bool(sk.nleep(separated, y) > sk.nleep(rng.normal(size=(100, 2)), y))
         True
     """
     f = V.check_array("features", features, 2)
@@ -404,11 +402,10 @@ def sfda(features, target_labels, num_target_classes: Optional[int] = None) -> f
     Example::
 
         >>> import numpy as np, selkd_kernels as sk
-        >>> rng = np.random.default_rng(0)
-        >>> y = np.arange(90) % 3
-        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
-        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
-        >>> bool(sk.sfda(good, y) > sk.sfda(bad, y))
+        >>> y = np.tile(np.arange(4), 25)
+        >>> noise = np.random.default_rng(2).normal(size=(100, 5))
+        >>> score_of = {s: sk.sfda(noise + s * np.eye(5)[y], y) for s in (0.0, 3.0)}
+        >>> bool(score_of[3.0] > score_of[0.0])
         True
     """
     f = V.check_array("features", features, 2)
@@ -444,11 +441,10 @@ def parc(features, target_labels, num_target_classes: Optional[int] = None, *,
     Example::
 
         >>> import numpy as np, selkd_kernels as sk
-        >>> rng = np.random.default_rng(0)
-        >>> y = np.arange(90) % 3
-        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
-        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
-        >>> bool(sk.parc(good, y) > sk.parc(bad, y))
+        >>> labels = np.arange(60) % 2
+        >>> x = np.random.default_rng(3).normal(size=(60, 4))
+        >>> x[:, 0] += 5 * labels                        # one direction carries the label
+        >>> bool(-100 <= sk.parc(x[:, 1:], labels) < sk.parc(x, labels) <= 100)
         True
     """
     f = V.check_array("features", features, 2)
@@ -486,11 +482,9 @@ def transrate(features, target_labels, num_target_classes: Optional[int] = None,
     Example::
 
         >>> import numpy as np, selkd_kernels as sk
-        >>> rng = np.random.default_rng(0)
-        >>> y = np.arange(90) % 3
-        >>> good = np.hstack([4 * np.eye(3)[y], np.zeros((90, 3))]) + rng.normal(size=(90, 6))
-        >>> bad = rng.normal(size=(90, 6))                  # features that know nothing of y
-        >>> bool(sk.transrate(good, y) > sk.transrate(bad, y))
+        >>> y = np.arange(90) % 3; noise = np.random.default_rng(0).normal(size=(90, 6))
+        >>> good = noise + 4 * np.eye(6)[y]      # features that separate the classes
+        >>> bool(sk.transrate(good, y) > sk.transrate(noise, y))
         True
     """
     f = V.check_array("features", features, 2)

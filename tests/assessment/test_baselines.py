@@ -9,15 +9,6 @@ import torch
 from selkd_kernels.assessment import baselines as M
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these problems are tiny: on a shared 2-core machine a second intra-op thread only adds
-    # synchronisation cost (10x slower Sinkhorn steps measured), so run them single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _blobs(sep, n_per=60, k=3, d=5, seed=0):
     rng = np.random.default_rng(seed)

@@ -8,15 +8,6 @@ from selkd_kernels.losses.multi_teacher import (MultiTeacherSinkhornKDLoss, asse
                                          multi_teacher_sinkhorn_kd_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these problems are tiny: on a shared 2-core machine a second intra-op thread only adds
-    # synchronisation cost (10x slower Sinkhorn steps measured), so run them single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _teacher(name, features, logits, labels_for_centres=None, weight=None):
     c_t = logits.shape[1]
