@@ -25,16 +25,27 @@ __all__ = [
     "sinkhorn_kd_loss", "SinkhornResult", "sinkhorn", "transport_plan", "__version__",
 ]
 
-# Selective KD (paper 2): partial-OT coupling, closed/open-set losses, prediction, metrics
+# Selective KD (paper 2): partial-OT coupling, closed/open-set losses (both open-set
+# formulations), feature terms and their composition, prediction, test-time gamma, metrics
 from .ops.partial_ot.api import available_partial_ot_backends, partial_ot  # noqa: E402
-from .losses.selkd import (SelKDLoss, SelKDPrediction, auroc, closed_set_selkd_loss,  # noqa: E402
-                         local_labels, open_set_selkd_loss, open_set_teacher_logits, selkd_loss,
-                         selkd_metrics, selkd_predict)
+from .losses.selkd import (SelKDLoss, closed_set_selkd_loss, local_labels,  # noqa: E402
+                           open_set_selkd_loss, open_set_teacher_logits, open_set_teacher_scores,
+                           selkd_loss)
+from .losses.selkd_inference import (SelKDPrediction, auroc, balanced_accuracy,  # noqa: E402
+                                     em_selected_fraction, fpr_at_tpr, selected_posterior,
+                                     selkd_log_kappa, selkd_metrics, selkd_predict)
+from .losses.features import (AttentionTransferLoss, FactorTransferLoss, FitNetLoss,  # noqa: E402
+                              attention_map, attention_transfer_loss, factor_transfer_loss,
+                              fitnet_loss)
+from .losses.combined import CombinedLoss  # noqa: E402
 
 __all__ += [
-    "available_partial_ot_backends", "partial_ot", "SelKDLoss", "SelKDPrediction", "auroc",
-    "closed_set_selkd_loss", "local_labels", "open_set_selkd_loss", "open_set_teacher_logits",
-    "selkd_loss", "selkd_metrics", "selkd_predict",
+    "available_partial_ot_backends", "partial_ot", "SelKDLoss", "closed_set_selkd_loss",
+    "local_labels", "open_set_selkd_loss", "open_set_teacher_logits", "open_set_teacher_scores",
+    "selkd_loss", "SelKDPrediction", "auroc", "balanced_accuracy", "em_selected_fraction",
+    "fpr_at_tpr", "selected_posterior", "selkd_log_kappa", "selkd_metrics", "selkd_predict",
+    "AttentionTransferLoss", "FactorTransferLoss", "FitNetLoss", "attention_map",
+    "attention_transfer_loss", "factor_transfer_loss", "fitnet_loss", "CombinedLoss",
 ]
 
 # teacher assessment (paper 1, Sec. 5), transferability baselines, ranking quality

@@ -33,7 +33,15 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _symbolic_while_traced() -> bool:
+    # torch.compile(dynamic=True) passes Python floats as symbols: math.isfinite cannot trace
+    # them, and their values are checked by the eager call (or the module's constructor)
+    return torch.compiler.is_compiling()
+
+
 def check_positive(name: str, value) -> float:
+    if _symbolic_while_traced():
+        return value
     if not _is_real(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     value = float(value)
@@ -43,6 +51,8 @@ def check_positive(name: str, value) -> float:
 
 
 def check_nonnegative(name: str, value) -> float:
+    if _symbolic_while_traced():
+        return value
     if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
