@@ -54,9 +54,15 @@ namespace {
 // The x86-64-v4 clone lets the auto-vectoriser use 512-bit registers in the per-row path (1.5x on
 // eps = 1e-3 problems on a Zen 5 core). The blocked path's vector type is explicit, so it gets a
 // separate 512-bit build below instead.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && \
-    !defined(SELKD_NO_MULTIVERSION)
-#if __GNUC__ >= 11  // the x86-64-v4 level name appeared in GCC 11
+// GCC, and clang >= 14 on ELF targets (target_clones needs ifunc), build the x86 ISA variants.
+#if defined(__x86_64__) && defined(__GNUC__) && \
+    (!defined(__clang__) || (__clang_major__ >= 14 && defined(__ELF__)))
+#define SELKD_X86_DISPATCH 1
+#else
+#define SELKD_X86_DISPATCH 0
+#endif
+#if SELKD_X86_DISPATCH && !defined(SELKD_NO_MULTIVERSION)
+#if defined(__clang__) || __GNUC__ >= 11  // the x86-64-v4 level name appeared in GCC 11
 #define SELKD_CLONES \
   __attribute__((target_clones("default", "fma", "arch=haswell", "arch=x86-64-v4")))
 #else
@@ -66,7 +72,7 @@ namespace {
 #define SELKD_CLONES
 #endif
 // The shared-cost (blocked) path also has a 512-bit build, chosen at run time by vector_width().
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(SELKD_NO_WIDE)
+#if SELKD_X86_DISPATCH && !defined(SELKD_NO_WIDE)
 #define SELKD_HAVE_WIDE 1
 #define SELKD_WIDE_TARGET \
   __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma,bmi2")))
@@ -78,7 +84,8 @@ namespace {
 #else
 #define SELKD_INLINE inline
 #endif
-#if defined(_OPENMP) || defined(__clang__)
+// SELKD_OPENMP_SIMD: a serial build with -fopenmp-simd (the vectorisation pragmas, no runtime)
+#if defined(_OPENMP) || defined(__clang__) || defined(SELKD_OPENMP_SIMD)
 #define SELKD_PRAGMA(x) _Pragma(#x)
 #else
 #define SELKD_PRAGMA(x)
@@ -216,7 +223,7 @@ inline int vector_width() {
                     "SELKD_CPU_VECTOR_BITS must be 128, 256 or 512, got '", bits, "'");
   TORCH_CHECK_VALUE(cpu_has_avx512(), "SELKD_CPU_VECTOR_BITS=512, but this ",
                     SELKD_HAVE_WIDE ? "CPU (or its OS) does not support AVX-512"
-                                    : "build has no 512-bit path (GCC on x86-64 only)",
+                                    : "build has no 512-bit path (x86-64 with GCC or clang >= 14 only)",
                     "; use 256 or 128");
   return 64;
 }
@@ -1116,10 +1123,10 @@ int64_t marginal_flags_cpu(const at::Tensor& a_in, const at::Tensor& b_in, doubl
 // Width in bits of the vectors the shared-cost (blocked) path uses for this call's settings: 512
 // (AVX-512 build, see vector_width()), 256 (AVX2 clone) or 128 (baseline x86-64 code, or the
 // 256-bit type lowered to 128-bit instructions on a CPU without AVX2); 0 when the compiler
-// picked the instructions (non-GCC or non-x86 builds).
+// picked the instructions (builds without the x86 ISA variants).
 int64_t cpu_vector_bits() {
   const int width = vector_width();  // validates SELKD_CPU_VECTOR_BITS on every build
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#if SELKD_X86_DISPATCH
   if (width == 64) return 512;
   if (width == 16) return 128;
 #if !defined(SELKD_NO_MULTIVERSION)

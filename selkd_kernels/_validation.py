@@ -33,7 +33,15 @@ def _is_real(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
+def _symbolic_while_traced() -> bool:
+    # torch.compile(dynamic=True) passes Python floats as symbols: math.isfinite cannot trace
+    # them, and their values are checked by the eager call (or the module's constructor)
+    return torch.compiler.is_compiling()
+
+
 def check_positive(name: str, value) -> float:
+    if _symbolic_while_traced():
+        return value
     if not _is_real(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     value = float(value)
@@ -67,6 +75,8 @@ def check_representable(name: str, value, dtype: torch.dtype) -> float:
 
 
 def check_nonnegative(name: str, value) -> float:
+    if _symbolic_while_traced():
+        return value
     if not _is_real(value) or not 0 <= float(value) < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
@@ -155,3 +165,53 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """float64 if any input is float64, else float32: half inputs accumulate in float32."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) \
         else torch.float32
+
+
+def check_array(name: str, x, ndim: int) -> np.ndarray:
+    """A finite, non-empty, real ``ndim``-dimensional array (torch tensor, numpy array or nested
+    sequence), as float64 numpy."""
+    if isinstance(x, torch.Tensor):
+        if x.is_complex():
+            raise ValueError(f"{name} must be real, got {x.dtype}")
+        x = x.detach().cpu().numpy()
+    if np.iscomplexobj(x):
+        raise ValueError(f"{name} must be real, got a complex array")
+    try:
+        x = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}") from e
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {x.shape}")
+    if x.size == 0:
+        raise ValueError(f"{name} must not be empty")
+    if not np.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf")
+    return x
+
+
+def check_label_array(name: str, y, n: int, num_classes: int | None = None) -> np.ndarray:
+    """(n,) integer class indices in ``[0, num_classes)`` (torch or numpy, any integer dtype),
+    as int64 numpy."""
+    if isinstance(y, torch.Tensor):
+        if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+            raise ValueError(f"{name} must hold integer class indices, got {y.dtype}")
+        y = y.detach().cpu().numpy()
+    y = np.asarray(y)
+    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{name} must be a 1-D array of integer class indices")
+    if y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0]} entries, expected {n}")
+    if n and y.min() < 0:
+        raise ValueError(f"{name} must be non-negative class indices")
+    if num_classes is not None and n and y.max() >= num_classes:
+        raise ValueError(f"{name} has class {int(y.max())} >= num_classes {num_classes}")
+    return y.astype(np.int64)
+
+
+def check_probability_rows(name: str, p: np.ndarray) -> np.ndarray:
+    """Rows of non-negative entries that sum to 1 (softmax outputs, not logits)."""
+    if (p < 0).any():
+        raise ValueError(f"{name} must be non-negative probabilities")
+    if not np.allclose(p.sum(1), 1.0, atol=1e-4):
+        raise ValueError(f"{name} rows must sum to 1 (pass softmax outputs, not logits)")
+    return p

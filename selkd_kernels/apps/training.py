@@ -73,3 +73,76 @@ def progress(it, enabled: bool = True, desc: str = "", total: Optional[int] = No
     except ImportError:
         return it
     return tqdm(it, desc=desc, total=total, leave=False, file=sys.stderr)
+
+
+class StackedMLP(torch.nn.Module):
+    """``k`` independent :class:`MLP` s of one architecture, evaluated in one batched pass.
+
+    Member ``i`` starts from exactly the weights ``MLP(d_in, hidden, num_classes)`` gets after
+    ``torch.manual_seed(seeds[i])``, and its parameters are slices of stacked tensors, so a loss
+    that *sums* the members' losses gives each member the gradient it would get alone; Adam
+    (elementwise) then trains every member as it would train it alone. Training many small
+    models this way replaces ``k`` Python-level training loops by one, which is what makes a
+    model zoo's ground truth affordable on a CPU.
+
+    ``forward(x)``: ``x`` is (B, d_in), shared by every member, or (k, B, d_in); returns
+    (k, B, num_classes). ``features(x)`` returns the last hidden activations, (k, B, hidden[-1]).
+    ``member(i)`` returns member ``i`` as a plain :class:`MLP`.
+
+    Example::
+
+        net = StackedMLP(8, (16,), 3, seeds=[0, 1])
+        logits = net(torch.randn(5, 8))          # (2, 5, 3)
+        alone = net.member(1)                    # an MLP with member 1's weights
+    """
+
+    def __init__(self, d_in: int, hidden: Sequence[int], num_classes: int, *,
+                 seeds: Sequence[int]):
+        super().__init__()
+        if not seeds:
+            raise ValueError("seeds must name at least one member")
+        members = []
+        for s in seeds:
+            torch.manual_seed(int(s))
+            members.append(MLP(d_in, hidden, num_classes))
+        self.d_in, self.hidden, self.num_classes = d_in, tuple(hidden), num_classes
+        linears = [[m for m in mlp.body if isinstance(m, torch.nn.Linear)] + [mlp.head]
+                   for mlp in members]
+        self.weights = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.stack([ls[j].weight.detach() for ls in linears]))
+             for j in range(len(linears[0]))])
+        self.biases = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.stack([ls[j].bias.detach() for ls in linears]))
+             for j in range(len(linears[0]))])
+
+    @property
+    def k(self) -> int:
+        return self.weights[0].shape[0]
+
+    def _layer(self, j, h):
+        return torch.baddbmm(self.biases[j].unsqueeze(1), h, self.weights[j].transpose(1, 2))
+
+    def features(self, x):
+        h = x.unsqueeze(0).expand(self.k, -1, -1) if x.dim() == 2 else x
+        for j in range(len(self.weights) - 1):
+            h = torch.relu(self._layer(j, h))
+        return h
+
+    def forward(self, x):
+        return self._layer(len(self.weights) - 1, self.features(x))
+
+    def member(self, i: int) -> MLP:
+        m = MLP(self.d_in, self.hidden, self.num_classes)
+        linears = [lay for lay in m.body if isinstance(lay, torch.nn.Linear)] + [m.head]
+        with torch.no_grad():
+            for j, lin in enumerate(linears):
+                lin.weight.copy_(self.weights[j][i])
+                lin.bias.copy_(self.biases[j][i])
+        m.eval()
+        return m
+
+
+def member_accuracies(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Accuracy of every member of a stacked model (logits (k, B, C)) on ``(x, y)``, as (k,)."""
+    with torch.no_grad():
+        return (model(x).argmax(-1) == y).float().mean(-1)

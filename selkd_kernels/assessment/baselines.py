@@ -1,73 +1,45 @@
-r"""Transferability baselines and ranking-quality measures for teacher assessment
-(paper 1, Sec. 6.2; docs/assessment.md).
+r"""Transferability baselines for teacher assessment (paper 1, Sec. 6.2; docs/assessment.md).
 
-Baselines, each **higher is better** (the opposite of our Sinkhorn score, which is lower-better):
+Each is **higher is better** (the opposite of our transport scores, which are lower-better) and
+takes the teacher's outputs on the target training set: features ``F`` (N, D) and/or its
+probabilities, and the target labels.
 
-* :func:`nce` -- Negative Conditional Entropy, Tran, Nguyen & Hassner, "Transferability and
-  hardness of supervised classification tasks", ICCV 2019.
-* :func:`leep` -- Log Expected Empirical Prediction, Nguyen, Hassner, Seeger & Archambeau,
-  "LEEP: A new measure to evaluate transferability of learned representations", ICML 2020.
-* :func:`logme` -- Logarithm of Maximum Evidence, You, Liu, Wang & Long, "LogME: Practical
-  assessment of pre-trained models for transfer learning", ICML 2021 (the fixed-point
-  maximisation of their Alg. 2 / the later "LogME-fixed-point" variant).
-* :func:`h_score` -- Bao, Li, Huang, Huang & Zheng, "An information-theoretic approach to
-  transferability in task transfer learning", ICIP 2019.
+* :func:`nce` -- Negative Conditional Entropy (Tran, Nguyen & Hassner, ICCV 2019).
+* :func:`leep` -- Log Expected Empirical Prediction (Nguyen, Hassner, Seeger & Archambeau,
+  ICML 2020).
+* :func:`nleep` -- LEEP on a Gaussian mixture fitted to the features (Li, Jia, Zhou, Luo, Yang,
+  Tian & Sun, "Ranking neural checkpoints", CVPR 2021).
+* :func:`logme` -- Logarithm of Maximum Evidence (You, Liu, Wang & Long, ICML 2021): the exact
+  evidence at MacKay's fixed point, or ``variant="reference"``, the value the authors' code
+  computes (which differs when N < D, see the function).
+* :func:`h_score` -- Bao, Li, Huang, Huang & Zheng, ICIP 2019; with ``shrinkage="ledoit-wolf"``
+  the regularised H-score of Ibrahim, Ponomareva & Mazumder ("Newer is not always better:
+  rethinking transferability metrics, their peculiarities, stability and performance",
+  ECML-PKDD 2022).
+* :func:`sfda` -- Self-challenging Fisher Discriminant Analysis (Shao, Zhao, Shen, Liu, Ge,
+  Luo & Shan, "Not all models are equal: predicting model transferability in a
+  self-challenging Fisher space", ECCV 2022).
+* :func:`parc` -- Pairwise Annotation Representation Comparison (Bolya, Mittapalli & Hoffman,
+  "Scalable diverse model selection for accessible transfer learning", NeurIPS 2021).
+* :func:`transrate` -- TransRate (Huang, Huang, Zhang, Wei & Zhou, "Frustratingly easy
+  transferability estimation", ICML 2022).
 
-Ranking quality of any score against the accuracies it should predict: :func:`ranking_quality`
-(Pearson as in paper 1, Tab. 11; Kendall's tau; weighted Kendall's tau; top-1 regret). A
-lower-better score enters these as its negation, so that for every metric a positive correlation
-means "ranks like the ground truth".
-
-All array arguments accept torch tensors or numpy arrays; computation is in float64.
+Ranking quality (Pearson, Kendall, weighted Kendall, top-1 regret) lives in
+:mod:`selkd_kernels.assessment.ranking` and is re-exported here. All array arguments accept
+torch tensors or numpy arrays; computation is in float64.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Optional, Union
 
 import numpy as np
 import torch
 
-
-def _as_f64(name, x, ndim):
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    try:
-        x = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{name} must be a numeric array, got {type(x).__name__}") from e
-    if x.ndim != ndim:
-        raise ValueError(f"{name} must have {ndim} dimension(s), got shape {x.shape}")
-    if x.size == 0:
-        raise ValueError(f"{name} must not be empty")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or inf")
-    return x
-
-
-def _as_labels(name, y, n, num_classes=None):
-    if isinstance(y, torch.Tensor):
-        if y.dtype.is_floating_point or y.dtype == torch.bool:
-            raise ValueError(f"{name} must hold integer class indices, got {y.dtype}")
-        y = y.detach().cpu().numpy()
-    y = np.asarray(y)
-    if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{name} must be a 1-D array of integer class indices")
-    if y.shape[0] != n:
-        raise ValueError(f"{name} has {y.shape[0]} entries, expected {n}")
-    if n and y.min() < 0:
-        raise ValueError(f"{name} must be non-negative class indices")
-    if num_classes is not None and n and y.max() >= num_classes:
-        raise ValueError(f"{name} has class {int(y.max())} >= num_classes {num_classes}")
-    return y.astype(np.int64)
-
-
-def _check_probs(name, p):
-    if (p < 0).any():
-        raise ValueError(f"{name} must be non-negative probabilities")
-    if not np.allclose(p.sum(1), 1.0, atol=1e-4):
-        raise ValueError(f"{name} rows must sum to 1 (pass softmax outputs, not logits)")
-    return p
+from .. import _validation as V
+from .ranking import (RANKING_MEASURES, kendall, minmax_normalize, oriented,  # noqa: F401
+                      pearson, ranking_quality, top1_regret, weighted_kendall,
+                      weighted_kendall_gt)
 
 
 def nce(source_labels, target_labels) -> float:
@@ -82,15 +54,23 @@ def nce(source_labels, target_labels) -> float:
         source_labels: (N,) source-label of each sample, or (N, C_src) source probabilities or
             logits (then the argmax is taken, as in the paper's use of hard source labels).
         target_labels: (N,) target labels.
+
+    Example::
+
+        >>> import selkd_kernels as sk
+        >>> sk.nce([0, 0, 1, 1], [1, 1, 0, 0])      # the source labels determine the target labels
+        0.0
+        >>> round(sk.nce([0, 1, 0, 1], [1, 1, 0, 0]), 4)   # independent of them: -H(Y) = -log 2
+        -0.6931
     """
     z = source_labels.detach().cpu().numpy() if isinstance(source_labels, torch.Tensor) \
         else np.asarray(source_labels)
     if z.ndim == 2:
-        z = _as_f64("source_labels", z, 2).argmax(1)
+        z = V.check_array("source_labels", z, 2).argmax(1)
     if z.ndim != 1 or z.shape[0] == 0:
         raise ValueError("source_labels must be a non-empty (N,) label or (N, C) score array")
-    z = _as_labels("source_labels", z, z.shape[0])
-    y = _as_labels("target_labels", target_labels, z.shape[0])
+    z = V.check_label_array("source_labels", z, z.shape[0])
+    y = V.check_label_array("target_labels", target_labels, z.shape[0])
     joint = np.zeros((z.max() + 1, y.max() + 1))
     np.add.at(joint, (z, y), 1.0)
     joint /= joint.sum()
@@ -116,9 +96,20 @@ def leep(source_probs, target_labels, num_target_classes: Optional[int] = None) 
         source_probs: (N, C_src) source softmax probabilities (rows sum to 1).
         target_labels: (N,) target labels.
         num_target_classes: number of target classes (default: max label + 1).
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> y = np.array([0, 0, 1, 1])
+        >>> sharp = np.array([[.9, .1], [.9, .1], [.1, .9], [.1, .9]])   # source classes follow y
+        >>> flat = np.full((4, 2), 0.5)                                   # an uninformative source
+        >>> round(sk.leep(flat, y), 4)                                    # -log 2
+        -0.6931
+        >>> bool(sk.leep(sharp, y) > sk.leep(flat, y))
+        True
     """
-    theta = _check_probs("source_probs", _as_f64("source_probs", source_probs, 2))
-    y = _as_labels("target_labels", target_labels, theta.shape[0], num_target_classes)
+    theta = V.check_probability_rows("source_probs", V.check_array("source_probs", source_probs, 2))
+    y = V.check_label_array("target_labels", target_labels, theta.shape[0], num_target_classes)
     n_y = int(num_target_classes or y.max() + 1)
     joint = np.zeros((n_y, theta.shape[1]))
     np.add.at(joint, y, theta)
@@ -129,167 +120,377 @@ def leep(source_probs, target_labels, num_target_classes: Optional[int] = None) 
     return float(np.log(np.maximum(eep, np.finfo(np.float64).tiny)).mean())
 
 
-def _logme_one(y, f_t_y, sigma, v, f, n, d, tol, max_iter):
-    """Evidence maximisation for one target column (You et al. 2021, Alg. 2, fixed point)."""
-    alpha, beta = 1.0, 1.0
-    for _ in range(max_iter):
-        # posterior mean of the weights: m = beta (alpha I + beta F^T F)^-1 F^T y, via the eigh
-        m = v @ (beta * f_t_y / (alpha + beta * sigma))
-        gamma = float((beta * sigma / (alpha + beta * sigma)).sum())
-        m2 = float(m @ m)
-        res2 = float(((f @ m - y) ** 2).sum())
-        new_alpha = gamma / max(m2, 1e-12)
-        new_beta = (n - gamma) / max(res2, 1e-12)
-        done = abs(new_alpha / new_beta - alpha / beta) <= tol * (alpha / beta)
-        alpha, beta = new_alpha, new_beta
-        if done:
-            break
-    m = v @ (beta * f_t_y / (alpha + beta * sigma))
-    m2 = float(m @ m)
-    res2 = float(((f @ m - y) ** 2).sum())
-    evidence = (d / 2 * math.log(alpha) + n / 2 * math.log(beta)
-                - 0.5 * float(np.log(alpha + beta * sigma).sum())
-                - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * math.log(2 * math.pi))
-    return evidence / n, alpha, beta
-
-
-def logme(features, target_labels, num_target_classes: Optional[int] = None, *,
-          tol: float = 1e-3, max_iter: int = 100, return_params: bool = False):
-    r"""LogME: mean over target classes of the maximised log evidence per sample
-    (You et al., ICML 2021, Eq. 2 and Alg. 2).
-
-    For each class k the one-hot column ``y_k`` is modelled by Bayesian linear regression on the
-    features ``F`` (N, D) with prior ``w ~ N(0, alpha^-1 I)`` and noise ``N(0, beta^-1)``. The
-    evidence
-
-        log p(y | F, alpha, beta) = D/2 log alpha + N/2 log beta - 1/2 sum_j log(alpha + beta s_j)
-                                    - beta/2 ||F m - y||^2 - alpha/2 ||m||^2 - N/2 log 2 pi
-
-    (``s_j`` eigenvalues of ``F^T F``, ``m = beta (alpha I + beta F^T F)^-1 F^T y``) is maximised
-    by MacKay's fixed point ``gamma = sum beta s_j / (alpha + beta s_j)``,
-    ``alpha <- gamma / m^T m``, ``beta <- (N - gamma) / ||F m - y||^2``, iterated until
-    ``alpha / beta`` changes by less than ``tol`` (relative). Features are used as given (the
-    authors do not centre them).
-
-    Returns the score (float), or ``(score, alphas, betas)`` with ``return_params=True``.
-    """
-    f = _as_f64("features", features, 2)
-    y = _as_labels("target_labels", target_labels, f.shape[0], num_target_classes)
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a number > 0, got {tol!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
-    n, d = f.shape
-    sigma, v = np.linalg.eigh(f.T @ f)
-    sigma = np.clip(sigma, 0.0, None)
-    k = int(num_target_classes or y.max() + 1)
-    scores, alphas, betas = [], [], []
-    for c in range(k):
-        yc = (y == c).astype(np.float64)
-        s, a, b = _logme_one(yc, v.T @ (f.T @ yc), sigma, v, f, n, d, tol, max_iter)
-        scores.append(s)
-        alphas.append(a)
-        betas.append(b)
-    score = float(np.mean(scores))
-    return (score, np.array(alphas), np.array(betas)) if return_params else score
-
-
-def h_score(features, target_labels, num_target_classes: Optional[int] = None, *,
-            shrinkage: float = 0.0) -> float:
-    r"""H-score (Bao et al., ICIP 2019, Def. 2):
-
-        H(f) = tr( cov(f)^-1 cov(E[f | y]) )
-
-    with ``cov(f)`` the feature covariance and ``cov(E[f|y])`` the covariance of the class-
-    conditional means (each sample replaced by its class mean). Large when classes are far apart
-    relative to the spread of the features. ``cov(f)`` is inverted by pseudo-inverse; ``shrinkage``
-    > 0 adds ``shrinkage * mean eigenvalue`` to its diagonal for ill-conditioned features.
-    """
-    f = _as_f64("features", features, 2)
-    y = _as_labels("target_labels", target_labels, f.shape[0], num_target_classes)
-    if not (isinstance(shrinkage, (int, float)) and shrinkage >= 0):
-        raise ValueError(f"shrinkage must be a number >= 0, got {shrinkage!r}")
-    f = f - f.mean(0, keepdims=True)
-    cov_f = f.T @ f / f.shape[0]
-    if shrinkage:
-        cov_f = cov_f + shrinkage * np.trace(cov_f) / cov_f.shape[0] * np.eye(cov_f.shape[0])
-    k = int(num_target_classes or y.max() + 1)
+def _class_means(f, y, k):
     means = np.zeros((k, f.shape[1]))
     np.add.at(means, y, f)
     counts = np.bincount(y, minlength=k).astype(np.float64)
-    means = np.divide(means, counts[:, None], out=np.zeros_like(means), where=counts[:, None] > 0)
-    g = means[y]
-    cov_g = g.T @ g / f.shape[0]
-    return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
+    return np.divide(means, counts[:, None], out=np.zeros_like(means),
+                     where=counts[:, None] > 0), counts
 
 
-# --------------------------------------------------------------------------- ranking quality
+# ---------------------------------------------------------------------------------- LogME
 
-def _pair(scores, accuracies):
-    s = _as_f64("scores", scores, 1)
-    a = _as_f64("accuracies", accuracies, 1)
-    if s.shape != a.shape:
-        raise ValueError(f"scores has {s.shape[0]} entries but accuracies has {a.shape[0]}")
-    if s.shape[0] < 2:
-        raise ValueError("scores must rank at least 2 models")
-    return s, a
+def _logme_evidence(alpha, beta, sigma, res2, m2, n, d):
+    return (d / 2 * math.log(alpha) + n / 2 * math.log(beta)
+            - 0.5 * float(np.log(alpha + beta * sigma).sum())
+            - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * math.log(2 * math.pi)) / n
 
 
-def oriented(scores, higher_is_better: bool) -> np.ndarray:
-    """The score as a higher-is-better quantity: itself, or its negation for a lower-better one
-    (paper 1 uses ``Q = -M`` for its Sinkhorn score)."""
-    s = _as_f64("scores", scores, 1)
-    return s if higher_is_better else -s
+def _logme_column(y, u, sigma, n, d, tol, max_iter, reference):
+    """Evidence maximisation for one target column in the SVD basis ``F = U S V^T``.
+
+    With ``x = U^T y``, ``t = alpha / beta``: ``m^T m = sum s_j x_j^2 / (t + s_j)^2`` and
+    ``||F m - y||^2 = sum x_j^2 t^2 / (t + s_j)^2 + (||y||^2 - ||x||^2)``.
+    """
+    x = u.T @ y
+    x2 = x * x
+    res_out = float(y @ y - x2.sum())  # the part of y outside the span of F
+    alpha, beta = 1.0, 1.0
+    eps = 1e-5 if reference else 1e-12
+    for _ in range(11 if reference else max_iter):
+        t = alpha / beta
+        gamma = float((sigma / (sigma + t)).sum())
+        m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
+        res2 = float((x2 * t * t / (t + sigma) ** 2).sum()) + res_out
+        alpha, beta = gamma / (m2 + eps), (n - gamma) / (res2 + eps)
+        if abs(alpha / beta - t) <= tol * t:
+            break
+    t = alpha / beta
+    m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
+    res2 = float((x2 * t * t / (t + sigma) ** 2).sum()) + res_out
+    return _logme_evidence(alpha, beta, sigma, res2, m2, n, d), alpha, beta
 
 
-def pearson(scores, accuracies, higher_is_better: bool = True) -> float:
-    """Pearson correlation of the (oriented) score with accuracy (paper 1, Tab. 11). NaN when
-    either is constant."""
-    from scipy import stats
-    s, a = _pair(oriented(scores, higher_is_better), accuracies)
-    if np.ptp(s) == 0 or np.ptp(a) == 0:
-        return float("nan")
-    return float(stats.pearsonr(s, a)[0])
+def logme(features, target_labels, num_target_classes: Optional[int] = None, *,
+          variant: str = "exact", tol: float = 1e-3, max_iter: int = 100,
+          return_params: bool = False):
+    r"""LogME: mean over target classes of the maximised log evidence per sample
+    (You et al., ICML 2021, Eq. 2 and Alg. 2, fixed-point form).
+
+    Each one-hot column ``y_k`` is modelled by Bayesian linear regression on ``F`` (N, D) with
+    prior ``w ~ N(0, alpha^-1 I_D)`` and noise ``N(0, beta^-1)``; its evidence
+
+        log p(y | F) = D/2 log alpha + N/2 log beta - 1/2 sum_{j=1..D} log(alpha + beta s_j)
+                       - beta/2 ||F m - y||^2 - alpha/2 ||m||^2 - N/2 log 2 pi
+
+    (``s_j`` the D eigenvalues of ``F^T F``) is maximised by MacKay's updates
+    ``gamma = sum beta s_j / (alpha + beta s_j)``, ``alpha <- gamma / m^T m``,
+    ``beta <- (N - gamma) / ||F m - y||^2`` until ``alpha / beta`` changes by less than ``tol``
+    (relative). Features are used as given.
+
+    ``variant="exact"`` sums ``log(alpha + beta s_j)`` over all D eigenvalues, zeros included.
+    ``variant="reference"`` reproduces the authors' released code: the sum runs over the
+    non-zero singular values only (at most min(N, D)), which drops ``(D - rank F)/2 log alpha``
+    when N < D, and it stops after 11 updates and adds 1e-5 to both denominators. Published
+    LogME numbers are the reference variant; the two agree when ``F`` has full column rank.
+
+    Returns the score, or ``(score, alphas, betas)`` with ``return_params=True``.
+
+    Example::
+
+        logme(features, labels)                       # exact
+        logme(features, labels, variant="reference")  # as the authors' code computes it
+    """
+    f = V.check_array("features", features, 2)
+    y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
+    V.check_choice("variant", variant, {"exact", "reference"})
+    tol = V.check_positive("tol", tol)
+    max_iter = V.check_positive_int("max_iter", max_iter)
+    n, d = f.shape
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    sigma = s * s
+    if variant == "reference":
+        keep = s > 1e-10
+        u, sigma = u[:, keep], sigma[keep]
+    else:
+        # zero eigenvalues of F^T F beyond the thin SVD still enter the log-determinant
+        sigma_full = np.concatenate([sigma, np.zeros(max(0, d - len(sigma)))])
+    k = int(num_target_classes or y.max() + 1)
+    out = []
+    for c in range(k):
+        yc = (y == c).astype(np.float64)
+        if variant == "reference":
+            out.append(_logme_column(yc, u, sigma, n, d, tol, max_iter, True))
+        else:
+            ev, a, b = _logme_column(yc, u, sigma, n, d, tol, max_iter, False)
+            x2 = (u.T @ yc) ** 2
+            t = a / b
+            m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
+            res2 = float((x2 * t * t / (t + sigma) ** 2).sum()) + float(yc @ yc - x2.sum())
+            out.append((_logme_evidence(a, b, sigma_full, res2, m2, n, d), a, b))
+    score = float(np.mean([o[0] for o in out]))
+    if return_params:
+        return score, np.array([o[1] for o in out]), np.array([o[2] for o in out])
+    return score
 
 
-def kendall(scores, accuracies, higher_is_better: bool = True) -> float:
-    """Kendall's tau-b between the (oriented) score and accuracy."""
-    from scipy import stats
-    s, a = _pair(oriented(scores, higher_is_better), accuracies)
-    return float(stats.kendalltau(s, a)[0])
+# -------------------------------------------------------------------------------- H-score
+
+def ledoit_wolf_shrinkage(x: np.ndarray) -> float:
+    r"""Ledoit & Wolf's (2004) optimal shrinkage intensity for the covariance of the centred
+    rows of ``x`` towards ``mu I`` (``mu`` the mean eigenvalue): ``min(b^2, d^2) / d^2`` with
+    ``d^2 = ||S - mu I||_F^2 / D`` and ``b^2 = 1/N^2 sum_i ||x_i x_i^T - S||_F^2 / D``.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> x = np.random.default_rng(0).normal(size=(10, 50))   # fewer samples than dimensions
+        >>> 0.5 < sk.ledoit_wolf_shrinkage(x) <= 1
+        True
+    """
+    x = V.check_array("x", x, 2)
+    x = x - x.mean(0, keepdims=True)
+    n, d = x.shape
+    s = x.T @ x / n
+    mu = np.trace(s) / d
+    delta = (np.sum(s * s) - d * mu * mu) / d
+    x2 = x * x
+    beta = (np.sum(x2.T @ x2) / n - np.sum(s * s)) / (d * n)
+    return 0.0 if delta <= 0 else float(min(beta, delta) / delta)
 
 
-def weighted_kendall(scores, accuracies, higher_is_better: bool = True) -> float:
-    """Weighted Kendall's tau (Vigna 2015; ``scipy.stats.weightedtau`` with its default
-    hyperbolic weights), which counts swaps among the best models more than among the worst:
-    the usual summary in the transferability literature. The ranking that defines the weights
-    is the accuracy's (``rank=`` the ground truth), so it is the same for every metric compared."""
-    from scipy import stats
-    s, a = _pair(oriented(scores, higher_is_better), accuracies)
-    return float(stats.weightedtau(s, a, rank=np.argsort(np.argsort(-a)))[0])
+def h_score(features, target_labels, num_target_classes: Optional[int] = None, *,
+            shrinkage: Union[None, str, float] = None) -> float:
+    r"""H-score (Bao et al., ICIP 2019, Def. 2), optionally regularised (Ibrahim et al., 2022):
+
+        H(f)       = tr( cov(f)^+ cov(E[f | y]) )
+        H_alpha(f) = tr( ((1 - alpha) cov(f) + alpha mu I)^-1 (1 - alpha) cov(E[f | y]) )
+
+    ``cov(f)`` is the feature covariance, ``cov(E[f|y])`` that of the class means (each sample
+    replaced by its class mean), ``mu = tr cov(f) / D``. Without shrinkage and with fewer
+    samples than dimensions ``cov(f)`` is singular, and the pseudo-inverse makes H equal
+    ``C - 1`` for every model (the between-class space lies inside the sample span): the
+    degenerate case shrinkage fixes.
+
+    Args:
+        shrinkage: None (Bao et al.), ``"ledoit-wolf"`` (alpha by
+            :func:`ledoit_wolf_shrinkage`, Ibrahim et al.'s choice) or a number in [0, 1].
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> y = np.repeat([0, 1, 2], 30)
+        >>> f = np.random.default_rng(0).normal(size=(90, 6))     # no class information
+        >>> lw = dict(shrinkage="ledoit-wolf")
+        >>> bool(sk.h_score(f + 4 * np.eye(6)[y], y, **lw) > sk.h_score(f, y, **lw))
+        True
+    """
+    f = V.check_array("features", features, 2)
+    y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
+    if isinstance(shrinkage, str):
+        V.check_choice("shrinkage", shrinkage, {"ledoit-wolf"})
+        alpha = ledoit_wolf_shrinkage(f)
+    elif shrinkage is None:
+        alpha = None
+    else:
+        alpha = V.check_nonnegative("shrinkage", shrinkage)
+        if alpha > 1:
+            raise ValueError(f"shrinkage must be in [0, 1], got {alpha}")
+    f = f - f.mean(0, keepdims=True)
+    n, d = f.shape
+    cov_f = f.T @ f / n
+    k = int(num_target_classes or y.max() + 1)
+    g = _class_means(f, y, k)[0][y]
+    cov_g = g.T @ g / n
+    if alpha is None:
+        return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
+    reg = (1 - alpha) * cov_f + alpha * np.trace(cov_f) / d * np.eye(d)
+    return float(np.trace(np.linalg.solve(reg, (1 - alpha) * cov_g)))
 
 
-def top1_regret(scores, accuracies, higher_is_better: bool = True) -> float:
-    """Accuracy lost by picking the best-scored model instead of the most accurate one:
-    ``max(acc) - acc[argmax oriented score]`` (ties broken by the first index), >= 0."""
-    s, a = _pair(oriented(scores, higher_is_better), accuracies)
-    return float(a.max() - a[int(np.argmax(s))])
+# ----------------------------------------------------------------------------------- NLEEP
+
+def nleep(features, target_labels, num_target_classes: Optional[int] = None, *,
+          component_ratio: int = 5, variance: float = 0.8, seed: int = 0) -> float:
+    r"""NLEEP (Li et al., CVPR 2021): LEEP with the source classifier replaced by a Gaussian
+    mixture on the features.
+
+    The features are reduced by PCA to the components that keep ``variance`` of the variance,
+    a Gaussian mixture (full covariances) with ``component_ratio * C`` components is fitted --
+    at most N/5, so that on a small target set every component can own a few samples -- and its
+    posteriors
+    ``pi(v | x_i)`` play the source probabilities of :func:`leep`:
+    ``1/N sum_i log sum_v P(y_i | v) pi(v | x_i)``. Needs scikit-learn.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> rng = np.random.default_rng(1)
+        >>> y = rng.integers(0, 2, size=100)
+        >>> separated = np.array([[-3.0, 0.0], [3.0, 0.0]])[y] + rng.normal(size=(100, 2))
+        >>> bool(sk.nleep(separated, y) > sk.nleep(rng.normal(size=(100, 2)), y))
+        True
+    """
+    f = V.check_array("features", features, 2)
+    y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
+    V.check_positive_int("component_ratio", component_ratio)
+    V.check_fraction("variance", variance)
+    try:
+        from sklearn.mixture import GaussianMixture
+    except ImportError as e:
+        raise ImportError("nleep needs scikit-learn: pip install selkd-kernels[demo]") from e
+    z = _pca(f, variance=variance)
+    k = int(num_target_classes or y.max() + 1)
+    comps = max(1, min(component_ratio * k, f.shape[0] // 5))
+    gmm = GaussianMixture(n_components=comps, random_state=seed, reg_covar=1e-4).fit(z)
+    return leep(gmm.predict_proba(z), y, k)
 
 
-def ranking_quality(scores, accuracies, higher_is_better: bool = True) -> dict:
-    """All four measures as a dict: ``pearson``, ``kendall``, ``weighted_kendall``,
-    ``top1_regret``. For the first three, +1 is a perfect ranking; regret 0 is a perfect pick."""
-    return {
-        "pearson": pearson(scores, accuracies, higher_is_better),
-        "kendall": kendall(scores, accuracies, higher_is_better),
-        "weighted_kendall": weighted_kendall(scores, accuracies, higher_is_better),
-        "top1_regret": top1_regret(scores, accuracies, higher_is_better),
-    }
+def _pca(f, variance=None, dims=None):
+    """Principal components of ``f`` (deterministic SVD): the leading ``dims`` or as many as
+    keep ``variance`` of the total variance."""
+    f = f - f.mean(0, keepdims=True)
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    if dims is None:
+        share = np.cumsum(s * s) / max(float(np.sum(s * s)), 1e-300)
+        dims = int(np.searchsorted(share, variance) + 1)
+    dims = min(dims, len(s))
+    return u[:, :dims] * s[:dims]
 
 
-def minmax_normalize(values: Sequence[float]) -> np.ndarray:
-    """Affine map onto [0, 1] (paper 1 normalises each metric this way in Fig. 7 and
-    Tab. 16-20); a constant vector maps to zeros."""
-    v = _as_f64("values", values, 1)
-    span = np.ptp(v)
-    return np.zeros_like(v) if span == 0 else (v - v.min()) / span
+# ------------------------------------------------------------------------------------ SFDA
+
+def _shrunk(cov, lam):
+    d = cov.shape[0]
+    return (1 - lam) * cov + lam * np.trace(cov) / d * np.eye(d)
+
+
+def _fda_probs(f, y, k, lam=None):
+    """Regularised Fisher discriminant of SFDA: the within-class scatter ``S_w`` (prior-weighted
+    class covariances) shrunk by ``lam = exp(-5 lambda_max(S_w))`` unless given, the between
+    scatter ``S_t(lam) - S_w(lam)``, the generalised eigenvectors ``U`` and the class posteriors
+    of the nearest-mean classifier in the Fisher space. Returns (probabilities, lam)."""
+    means, counts = _class_means(f, y, k)
+    priors = counts / counts.sum()
+    s_w = np.zeros((f.shape[1], f.shape[1]))
+    for c in range(k):
+        if counts[c]:
+            dc = f[y == c] - means[c]
+            s_w += priors[c] * dc.T @ dc / counts[c]
+    if lam is None:
+        lam = max(math.exp(-5 * float(np.linalg.eigvalsh(s_w)[-1])), 1e-10)
+    fc = f - f.mean(0, keepdims=True)
+    s_t = _shrunk(fc.T @ fc / f.shape[0], lam)
+    s_w = _shrunk(s_w, lam)
+    from scipy import linalg
+    evals, evecs = linalg.eigh(s_t - s_w, s_w)
+    u = evecs[:, np.argsort(evals)[::-1]]
+    coef = means @ u @ u.T
+    logits = f @ coef.T - 0.5 * np.sum(means * coef, 1) + np.log(np.maximum(priors, 1e-300))
+    return _softmax(logits), lam
+
+
+def _softmax(z):
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def sfda(features, target_labels, num_target_classes: Optional[int] = None) -> float:
+    r"""SFDA (Shao et al., ECCV 2022): mean probability of the true class under a regularised
+    Fisher discriminant, after a "self-challenging" confidence mix.
+
+    1. Fit the regularised FDA of :func:`_fda_probs` and take ``p = softmax(p(y | x))`` (the
+       softened posteriors of the paper's ConfMix).
+    2. ConfMix: move each sample towards the mean of the *other* classes' means by its
+       uncertainty, ``x_i <- p_i,y_i x_i + (1 - p_i,y_i) mean_{c != y_i} mu_c``.
+    3. Refit with the same shrinkage; the score is ``1/N sum_i p(y_i | x_i)`` (no log, as
+       published).
+
+    Needs scipy.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> y = np.tile(np.arange(4), 25)
+        >>> noise = np.random.default_rng(2).normal(size=(100, 5))
+        >>> score_of = {s: sk.sfda(noise + s * np.eye(5)[y], y) for s in (0.0, 3.0)}
+        >>> bool(score_of[3.0] > score_of[0.0])
+        True
+    """
+    f = V.check_array("features", features, 2)
+    y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
+    k = int(num_target_classes or y.max() + 1)
+    try:
+        import scipy  # noqa: F401
+    except ImportError as e:
+        raise ImportError("sfda needs scipy: pip install selkd-kernels[demo]") from e
+    probs, lam = _fda_probs(f, y, k)
+    soft = _softmax(probs)
+    means, counts = _class_means(f, y, k)
+    present = counts > 0
+    others = (means[present].sum(0, keepdims=True) - means) / max(int(present.sum()) - 1, 1)
+    conf = soft[np.arange(len(y)), y][:, None]
+    mixed = conf * f + (1 - conf) * others[y]
+    probs2, _ = _fda_probs(mixed, y, k, lam)
+    return float(probs2[np.arange(len(y)), y].mean())
+
+
+# ------------------------------------------------------------------------------------ PARC
+
+def parc(features, target_labels, num_target_classes: Optional[int] = None, *,
+         dims: int = 32) -> float:
+    r"""PARC (Bolya et al., NeurIPS 2021): Spearman correlation (times 100) between the
+    pairwise dissimilarities of the samples' features and of their labels.
+
+    Features are reduced to their ``dims`` leading principal components and standardised; the
+    dissimilarity matrices are ``1 - corr(f_i, f_j)`` (Pearson between the feature vectors of
+    two samples) and ``1 - corr(onehot(y_i), onehot(y_j))``, and their upper triangles are
+    rank-correlated. Needs scipy.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> labels = np.arange(60) % 2
+        >>> x = np.random.default_rng(3).normal(size=(60, 4))
+        >>> x[:, 0] += 5 * labels                        # one direction carries the label
+        >>> bool(-100 <= sk.parc(x[:, 1:], labels) < sk.parc(x, labels) <= 100)
+        True
+    """
+    f = V.check_array("features", features, 2)
+    y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
+    if f.shape[0] < 3:
+        raise ValueError("features must hold at least 3 samples for PARC")
+    from .ranking import _stats
+    k = int(num_target_classes or y.max() + 1)
+    z = _pca(f, dims=V.check_positive_int("dims", dims)) if f.shape[1] > dims else f
+    z = (z - z.mean(0)) / np.maximum(z.std(0), 1e-12)
+    iu = np.triu_indices(len(y), 1)
+    rdm_f = 1 - np.corrcoef(z)
+    rdm_y = 1 - np.corrcoef(np.eye(k)[y])
+    return float(_stats().spearmanr(rdm_f[iu], rdm_y[iu])[0] * 100)
+
+
+# ------------------------------------------------------------------------------- TransRate
+
+def _coding_rate(z, eps):
+    n, d = z.shape
+    return 0.5 * float(np.linalg.slogdet(np.eye(d) + z.T @ z / (n * eps))[1])
+
+
+def transrate(features, target_labels, num_target_classes: Optional[int] = None, *,
+              eps: float = 1e-4) -> float:
+    r"""TransRate (Huang et al., ICML 2022): the coding rate of the centred features minus the
+    mean coding rate of each class's features,
+
+        TrR = R(Z) - 1/C sum_c R(Z_c),     R(Z) = 1/2 logdet(I + Z^T Z / (n eps))
+
+    (``n`` the rows of that ``Z``; per-class rates weighted equally, as in the authors' code).
+    Large when the whole set needs many more bits than the classes do separately, i.e. when the
+    classes are well separated.
+
+    Example::
+
+        >>> import numpy as np, selkd_kernels as sk
+        >>> y = np.arange(90) % 3; noise = np.random.default_rng(0).normal(size=(90, 6))
+        >>> good = noise + 4 * np.eye(6)[y]      # features that separate the classes
+        >>> bool(sk.transrate(good, y) > sk.transrate(noise, y))
+        True
+    """
+    f = V.check_array("features", features, 2)
+    y = V.check_label_array("target_labels", target_labels, f.shape[0], num_target_classes)
+    eps = V.check_positive("eps", eps)
+    z = f - f.mean(0, keepdims=True)
+    k = int(num_target_classes or y.max() + 1)
+    per = [_coding_rate(z[y == c], eps) for c in range(k) if np.any(y == c)]
+    return _coding_rate(z, eps) - float(np.mean(per))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import math
 from collections import OrderedDict
@@ -64,8 +65,20 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 # ----------------------------------------------------------------------------- plots
 
+PLOTTING_MISSING = ("matplotlib is not installed, so no plots (pip install matplotlib, or "
+                    "pip install \"selkd-kernels[bench]\")")
+
+
+def plotting_available() -> bool:
+    """Whether the plots can be drawn (matplotlib is an optional dependency, extra [bench])."""
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _plt():
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError(PLOTTING_MISSING) from exc
     matplotlib.use("Agg")  # files only; never needs a display
     import matplotlib.pyplot as plt
     return plt

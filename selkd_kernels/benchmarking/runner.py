@@ -175,42 +175,57 @@ class Runner:
         return None
 
     def _run_provider(self, op, pt: Point, prov, inputs) -> dict:
+        """One result row: guards, preparation, the cold call (value and compile time), then
+        the timed samples."""
         row = self._base_row(op, pt, prov)
-        w = pt.workload
-        if prov.unavailable:
-            row.update(status="unavailable", note=prov.unavailable)
-            return row
-        if prov.untimed and not self.cfg.quick:
-            row.update(status="n/a", note=prov.untimed)
-            return row
-        if prov.dense_bytes is not None and w.kind == "ot":
-            log_domain = _ref.choose_method(inputs.cost, w.eps, inputs.cost.dtype) == "log"
-            need = prov.dense_bytes(op, self.ctx, w, log_domain)
-            if need > self.cfg.mem_cap_bytes:
-                row.update(status="skipped",
-                           note=f"would keep ~{need / 2 ** 30:.1f} GiB of (B,m,n) temporaries "
-                                f"alive (cap {self.cfg.mem_cap_bytes / 2 ** 30:.1f} GiB)")
-                return row
-        too_slow = self.too_slow(op, w, prov, inputs)
-        if too_slow:
-            row.update(status="skipped", note=too_slow)
+        skipped = self._skip_reason(op, pt.workload, prov, inputs)
+        if skipped is not None:
+            row.update(status=skipped[0], note=skipped[1])
             return row
         try:
-            prep = prov.prepare(w, inputs, self.ctx)
-        except P.NotApplicable as exc:
-            row.update(status="n/a", note=str(exc))
-            return row
-        except ImportError as exc:
-            row.update(status="n/a", note=_short(exc))
+            prep = prov.prepare(pt.workload, inputs, self.ctx)
+        except (P.NotApplicable, ImportError) as exc:
+            row.update(status="n/a", note=str(exc) if isinstance(exc, P.NotApplicable)
+                       else _short(exc))
             return row
         except Exception as exc:
             row.update(status="error", note=_short(exc))
             return row
-        notes = [prep.note] if prep.note else []
-        if prov.untimed:
-            notes.append(prov.untimed)
+        notes = [n for n in (prep.note, prov.untimed) if n]
+        first = self._first_call(prov, prep, row)
+        if first is None:
+            return row
+        row["first_call_s"] = first
+        per_teacher = pt.workload.n_teachers if prov.tags.get("per_teacher") else 1
+        if self.cfg.quick:
+            # one cold call: proves the provider runs, claims nothing about speed
+            row.update(TimingStats([first / per_teacher], 1).as_dict())
+            row["mem_method"] = "not measured (--quick)"
+            notes.append("quick: single cold call, not a measurement")
+        else:
+            self._measure(prov, prep, first, per_teacher, row, notes)
+        if row["status"] == "ok":
+            row["note"] = "; ".join(notes)
+        return row
 
-        # first call: compilation / lazy initialisation, and the value checked for agreement
+    def _skip_reason(self, op, w: Workload, prov, inputs) -> Optional[tuple]:
+        """(status, note) when the provider is not run on this problem, else None."""
+        if prov.unavailable:
+            return "unavailable", prov.unavailable
+        if prov.untimed and not self.cfg.quick:
+            return "n/a", prov.untimed
+        if prov.dense_bytes is not None and w.kind == "ot":
+            log_domain = _ref.choose_method(inputs.cost, w.eps, inputs.cost.dtype) == "log"
+            need = prov.dense_bytes(op, self.ctx, w, log_domain)
+            if need > self.cfg.mem_cap_bytes:
+                return "skipped", (f"would keep ~{need / 2 ** 30:.1f} GiB of (B,m,n) temporaries "
+                                   f"alive (cap {self.cfg.mem_cap_bytes / 2 ** 30:.1f} GiB)")
+        too_slow = self.too_slow(op, w, prov, inputs)
+        return ("skipped", too_slow) if too_slow else None
+
+    def _first_call(self, prov, prep, row) -> Optional[float]:
+        """Seconds of the cold call (compilation, lazy initialisation), its value stored in the
+        row; None when it failed, with the row saying why."""
         try:
             t0 = time.perf_counter()
             out = prep.fn()
@@ -226,46 +241,24 @@ class Runner:
             else:
                 row.update(status="error", note=_short(exc))
                 row["traceback"] = traceback.format_exc(limit=6)
-            return row
-        row["first_call_s"] = first
-        per_teacher = w.n_teachers if prov.tags.get("per_teacher") else 1
+            return None
+        return first
 
-        if self.cfg.quick:
-            # one cold call: proves the provider runs, claims nothing about speed
-            stats = TimingStats([first / per_teacher], 1)
-            row.update(stats.as_dict())
-            row["mem_method"] = "not measured (--quick)"
-            notes.append("quick: single cold call, not a measurement")
-            row["note"] = "; ".join(notes)
-            return row
-
+    def _measure(self, prov, prep, first, per_teacher, row, notes) -> None:
+        """Warm-up, peak memory and timed samples into ``row`` (status "error" on failure)."""
         try:
             # a compiling provider's first call is mostly compilation: judge its speed on the next
             probe = self.timer.time_once(prep.fn) if prov.compiles else first
         except Exception as exc:
             row.update(status="error", note=_short(exc))
-            return row
+            return
         if probe > 2 * self.cfg.budget_s:
-            stats = TimingStats([probe / per_teacher], 1)
-            row.update(stats.as_dict())
+            row.update(TimingStats([probe / per_teacher], 1).as_dict())
             notes.append(f"one call took {probe:.0f}s (> 2x budget {self.cfg.budget_s:.0f}s): "
                          f"time is that single call, not a measurement")
-            row["note"] = "; ".join(notes)
-            return row
-
+            return
         try:
-            last = probe
-            for i in range(1, self.cfg.warmup):
-                if self.cfg.measure_memory and i == self.cfg.warmup - 1:
-                    t0 = time.perf_counter()
-                    row["peak_mem_mb"], row["mem_method"] = measure_peak_memory(
-                        prep.fn, self.cfg.device)
-                    last = time.perf_counter() - t0
-                else:
-                    last = self.timer.time_once(prep.fn)
-            if self.cfg.measure_memory and self.cfg.warmup <= 1:
-                row["peak_mem_mb"], row["mem_method"] = measure_peak_memory(prep.fn,
-                                                                            self.cfg.device)
+            last = self._warm_up(prep, probe, row)
             repeats = self.cfg.repeats
             if last * repeats > self.cfg.budget_s:
                 repeats = max(1, min(repeats, int(self.cfg.budget_s / max(last, 1e-9))))
@@ -274,14 +267,27 @@ class Runner:
                                        number=self.timer.calibrate(last))
         except Exception as exc:
             row.update(status="error", note=_short(exc))
-            return row
+            return
         if per_teacher != 1:
             stats = TimingStats([s / per_teacher for s in stats.samples], stats.number)
         row.update(stats.as_dict())
         if row["peak_mem_mb"] is not None and per_teacher != 1:
             notes.append("peak memory is for the whole repository")
-        row["note"] = "; ".join(notes)
-        return row
+
+    def _warm_up(self, prep, probe, row) -> float:
+        """Untimed calls, peak memory measured on the last; returns the last call's seconds."""
+        last = probe
+        for i in range(1, self.cfg.warmup):
+            if self.cfg.measure_memory and i == self.cfg.warmup - 1:
+                t0 = time.perf_counter()
+                row["peak_mem_mb"], row["mem_method"] = measure_peak_memory(
+                    prep.fn, self.cfg.device)
+                last = time.perf_counter() - t0
+            else:
+                last = self.timer.time_once(prep.fn)
+        if self.cfg.measure_memory and self.cfg.warmup <= 1:
+            row["peak_mem_mb"], row["mem_method"] = measure_peak_memory(prep.fn, self.cfg.device)
+        return last
 
 
 def points_for_workloads(workloads) -> list[Point]:

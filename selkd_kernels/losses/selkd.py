@@ -1,7 +1,8 @@
-r"""Selective knowledge distillation losses, prediction and metrics (paper 2, Sec. 3.2; docs/losses.md).
+r"""Selective knowledge distillation losses (paper 2, Sec. 3.2; docs/selective_kd.md).
 
 A single teacher knows all N classes; a student learns only ``n`` selected ones
 (``selected_classes``, in the teacher's numbering; labels are given in that numbering too).
+Prediction rules, test-time ``gamma`` and metrics are in :mod:`selkd_kernels.losses.selkd_inference`.
 
 **Closed set** (Sec. 3.2.1, Eq. 9-11 with ``U = {P 1 = 1}``). The inner problem with only the row
 constraint is solved by a row softmax (Appendix B), so Eq. 10 becomes Hinton's loss restricted to
@@ -13,7 +14,8 @@ the selected classes::
 The teacher's softmax is taken over the selected logits only (its other classes are dropped
 before normalising, not after). The CE term uses temperature 1. ``tau^2`` keeps the KD gradient's
 scale independent of ``tau`` (Hinton et al., 2015); pass ``tau_squared=False`` for the paper's
-literal Eq. 1.
+literal Eq. 1. Without labels (``target=None``, e.g. an unlabelled pool) only the distillation
+term is returned.
 
 Optional ``coupling="balanced"``: the teacher target is the batch coupling with rows = samples
 (mass 1 each) and columns = selected classes with mass = the batch's label counts, solved by
@@ -24,75 +26,94 @@ frequencies. Sinkhorn works with probability marginals, so both are divided by `
 (``a = 1/m``, ``b = counts/m``) and the plan is multiplied back by ``m`` (its rows are then
 renormalised to 1, which removes the residual row-marginal error of the last iteration).
 
-**Open set** (Sec. 3.2.2, Eq. 12-14, Alg. 1). The student has ``n + 1`` outputs, "not selected"
-last. The teacher's open-set logits are its ``n`` selected logits followed by
-``eps * logsumexp(others / eps)``, so ``softmax(. / eps)`` of the open-set logits gives the "not
-selected" column exactly the teacher's total mass on the other classes at the coupling's
-temperature (with ``eps = 1`` this is the plain logsumexp of docs/ops/partial_ot.md). Labels outside the selection
-map to "not selected".
+**Open set** (Sec. 3.2.2, Eq. 12-14, Alg. 1), two formulations (docs/selective_kd.md):
+
+* ``formulation="paper"``: the student has ``n + 1`` outputs, "not selected" last. The teacher's
+  open-set scores are its ``n`` selected logits followed by ``eps * logsumexp(others / eps)``, so
+  ``softmax(. / eps)`` of them gives the "not selected" column exactly the teacher's total mass on
+  the other classes at the coupling's temperature.
+* ``formulation="consistent"``: the student has ``n`` outputs; the coupling's leftover row mass
+  ``1 - sum_j P_ij`` is the probability of "not selected", and unselected samples are trained
+  with ``-log(1 - sum_j P_S,ij)``. The teacher's scores are its log-probabilities of the ``n``
+  selected classes at temperature ``eps`` (:func:`open_set_teacher_scores`).
+
 With ``gamma`` the number of selected samples in the batch (``gamma="labels"``) and both couplings
-from :func:`selkd_kernels.partial_ot` at the same ``eps``::
+from :func:`selkd_kernels.partial_ot` at the same ``eps`` the loss is
+:func:`selkd_kernels.ops.partial_ot.reference.open_set_loss` (the cross-entropy of the labels and
+``lam`` times the cross-entropy of the teacher's coupling, under the student's coupling, per
+row, averaged over the batch). ``log P_S`` comes from the log domain, never from the log of an
+underflowed coupling. Labels outside the selection map to "not selected"; labels outside
+``[0, N)`` are an error. The teacher is frozen: its scores get no gradient.
 
-    L = CE(Y | P_S) + lam * ( -sum_ij P_T,ij log P_S,ij ) / m,
-    CE(Y | P_S) = -(1/m) sum_i log P_S,i,y_i
-
-``log P_S`` comes from the log domain (``Z/eps - logsumexp(Z/eps) + rho``), never from the log of
-an underflowed coupling. The teacher is frozen: its scores get no gradient.
-
-**Prediction** (Sec. 3.2.2, end): for sample ``i``, argmax over
-``[P_i,1 .. P_i,n+1, 1 - sum_j P_ij]``; the last two both mean "not selected". The "not selected"
-score used for AUROC is the mass the coupling does not give to a selected class,
-``1 - sum_{j <= n} P_ij``.
+Under ``torch.compile`` (also ``fullgraph=True, dynamic=True``) the whole loss traces: the label
+checks that need the values are skipped while tracing, and ``gamma="labels"`` is a device tensor.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Optional
+import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .. import _validation as V
-from ..ops.registry import check_backend_name
+from ..ops.partial_ot import reference as _po_ref
+from ..ops.partial_ot.api import gamma_tensor, resolve_gamma, validate_partial_ot_args
 from ..ops.partial_ot.dispatch import get_backend as get_partial_ot_backend
-from ..ops.partial_ot.api import (partial_ot_log, resolve_gamma,
-                         validate_partial_ot_args)
+from ..ops.registry import check_backend_name
 from ..ops.sinkhorn.api import sinkhorn
+
+FORMULATIONS = _po_ref.FORMULATIONS
 
 
 # ---- labels and logits -------------------------------------------------------------------------
 
-def _check_selected(selected_classes) -> torch.Tensor:
+def check_selected(selected_classes) -> torch.Tensor:
+    """``selected_classes`` as a 1-D int64 tensor of distinct non-negative class indices."""
     sel = torch.as_tensor(selected_classes)
     if sel.dim() != 1 or sel.numel() == 0 or sel.dtype.is_floating_point or sel.dtype == torch.bool:
         raise ValueError(f"selected_classes must be a non-empty 1-D sequence of class indices, "
                          f"got {selected_classes!r}")
     sel = sel.long()
-    if (sel < 0).any() or sel.unique().numel() != sel.numel():
+    if torch.compiler.is_compiling():
+        return sel  # values were checked when the module or the call site was set up
+    if bool((sel < 0).any()) or sel.unique().numel() != sel.numel():
         raise ValueError(f"selected_classes must hold distinct non-negative class indices, got "
                          f"{sel.tolist()}")
     return sel
 
 
-def _check_target(target, m: int) -> torch.Tensor:
-    return V.check_labels("target", target, n=m, rows_of="student_logits")
+def _check_fits(sel: torch.Tensor, num_classes: int, open_set: bool) -> None:
+    if torch.compiler.is_compiling():
+        return
+    if int(sel.max()) >= num_classes:
+        raise ValueError(f"selected_classes has class {int(sel.max())} but teacher_logits has "
+                         f"only {num_classes} classes")
+    if open_set and sel.numel() >= num_classes:
+        raise ValueError("selected_classes covers every teacher class; the open set needs at "
+                         "least one unselected class")
 
 
-def local_labels(target: torch.Tensor, selected_classes, *, open_set: bool) -> torch.Tensor:
+def local_labels(target: torch.Tensor, selected_classes, *, open_set: bool,
+                 num_classes: int | None = None) -> torch.Tensor:
     """Map teacher-numbered labels to the student's columns.
 
     Selected class ``selected_classes[j]`` becomes ``j``. Other labels become ``n`` ("not selected")
-    when ``open_set``; in the closed set they are an error.
+    when ``open_set``; in the closed set they are an error. With ``num_classes`` (the teacher's N)
+    labels outside ``[0, N)`` raise ``ValueError`` instead of becoming "not selected".
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> sk.local_labels(torch.tensor([7, 3, 2, 4]), [7, 2, 4], open_set=True).tolist()
+        [0, 3, 1, 2]
     """
-    sel = _check_selected(selected_classes).to(target.device)
-    target = V.check_labels("target", target)
+    target = V.check_labels("target", target, num_classes=num_classes)
+    sel = check_selected(selected_classes).to(target.device)
     hit = target.unsqueeze(1) == sel.unsqueeze(0)
     found = hit.any(1)
     local = hit.long().argmax(1)
     if open_set:
         return torch.where(found, local, torch.full_like(local, sel.numel()))
-    if not bool(found.all()):
+    if not torch.compiler.is_compiling() and not bool(found.all()):
         raise ValueError("target contains classes outside selected_classes; the closed-set "
                          "student is trained on selected classes only (use open_set=True)")
     return local
@@ -104,23 +125,57 @@ def open_set_teacher_logits(teacher_logits: torch.Tensor, selected_classes,
 
     ``softmax(result / T)`` equals the teacher's ``softmax(z / T)`` with all unselected classes
     merged into one column. The merge is exact only at the temperature it was made for, so the
-    open-set loss merges at its coupling's ``eps`` (``T = 1`` is the plain logsumexp of docs/ops/partial_ot.md).
+    open-set loss merges at its coupling's ``eps``. This is the teacher side of the ``"paper"``
+    formulation; the ``"consistent"`` one uses :func:`open_set_teacher_scores`.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.randn(4, 10)
+        >>> merged = torch.softmax(sk.open_set_teacher_logits(z, [7, 2, 4]), 1)
+        >>> torch.allclose(merged[:, 3], 1 - torch.softmax(z, 1)[:, [7, 2, 4]].sum(1))
+        True
     """
     temperature = V.check_positive("temperature", temperature)
     V.check_tensor("teacher_logits", teacher_logits, (2,))
-    sel = _check_selected(selected_classes).to(teacher_logits.device)
+    sel = check_selected(selected_classes).to(teacher_logits.device)
     N = teacher_logits.shape[1]
-    if int(sel.max()) >= N:
-        raise ValueError(f"selected_classes has class {int(sel.max())} but teacher_logits has "
-                         f"only {N} classes")
-    if sel.numel() >= N:
-        raise ValueError("selected_classes covers every teacher class; the open set needs at "
-                         "least one unselected class")
-    rest = torch.ones(N, dtype=torch.bool, device=teacher_logits.device)
-    rest[sel] = False
-    other = temperature * torch.logsumexp(teacher_logits[:, rest] / temperature, dim=1,
-                                          keepdim=True)
-    return torch.cat([teacher_logits[:, sel], other], dim=1)
+    _check_fits(sel, N, open_set=True)
+    is_sel = torch.zeros(N, dtype=torch.bool, device=teacher_logits.device)
+    is_sel[sel] = True
+    # masking instead of boolean indexing keeps the shapes static for torch.compile
+    others = torch.where(is_sel, torch.full_like(teacher_logits, -math.inf),
+                         teacher_logits / temperature)
+    other = temperature * torch.logsumexp(others, dim=1, keepdim=True)
+    return torch.cat([teacher_logits.index_select(1, sel), other], dim=1)
+
+
+def open_set_teacher_scores(teacher_logits: torch.Tensor, selected_classes, *, formulation: str,
+                   eps: float = 1.0) -> torch.Tensor:
+    """The teacher's open-set scores for ``formulation``.
+
+    ``"paper"``: (m, n+1), the selected logits and the merged "not selected" score
+    (:func:`open_set_teacher_logits` at ``eps``). ``"consistent"``: (m, n), the teacher's
+    normalised log-probabilities of the selected classes at temperature ``eps``,
+    ``eps * log_softmax(z_T / eps)[:, selected]``, so that row ``i`` of ``K = exp(Z / eps)`` sums to
+    the teacher's probability that sample ``i`` is selected (raw logits would make the row mass
+    depend on each row's arbitrary logit offset).
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> z = torch.randn(4, 10)
+        >>> s = sk.open_set_teacher_scores(z, [7, 2, 4], formulation="consistent", eps=2.0)
+        >>> mass = torch.exp(s / 2.0).sum(1)          # row mass of K = teacher's P(selected)
+        >>> torch.allclose(mass, torch.softmax(z / 2.0, 1)[:, [7, 2, 4]].sum(1))
+        True
+    """
+    V.check_choice("formulation", formulation, set(FORMULATIONS))
+    if formulation == "paper":
+        return open_set_teacher_logits(teacher_logits, selected_classes, temperature=eps)
+    V.check_tensor("teacher_logits", teacher_logits, (2,))
+    eps = V.check_positive("eps", eps)
+    sel = check_selected(selected_classes).to(teacher_logits.device)
+    _check_fits(sel, teacher_logits.shape[1], open_set=True)
+    return eps * torch.log_softmax(teacher_logits / eps, dim=1).index_select(1, sel)
 
 
 # ---- closed set --------------------------------------------------------------------------------
@@ -144,31 +199,50 @@ def balanced_teacher_coupling(teacher_sel_logits: torch.Tensor, local_target: to
         return plan / plan.sum(1, keepdim=True).clamp_min(torch.finfo(cd).tiny)
 
 
+def _check_pair(student_logits, teacher_logits, student_name="student_logits"):
+    V.check_tensor(student_name, student_logits, (2,))
+    V.check_tensor("teacher_logits", teacher_logits, (2,))
+    V.check_same_device(**{student_name: student_logits, "teacher_logits": teacher_logits})
+    if teacher_logits.shape[0] != student_logits.shape[0]:
+        raise ValueError(f"teacher_logits has batch size {teacher_logits.shape[0]} but "
+                         f"{student_name} has {student_logits.shape[0]}")
+
+
 def closed_set_selkd_loss(student_logits, teacher_logits, target, selected_classes, *,
                           tau: float = 4.0, weight: float = 1.0, tau_squared: bool = True,
                           coupling: str = "softmax", sinkhorn_iters: int = 50,
                           backend: str = "auto") -> torch.Tensor:
-    """Closed-set SelKD loss (module docs); ``target`` in the teacher's numbering."""
-    V.check_tensor("student_logits", student_logits, (2,))
-    V.check_tensor("teacher_logits", teacher_logits, (2,))
-    V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
+    """Closed-set SelKD loss (module docs); ``target`` in the teacher's numbering, or None for
+    the distillation term alone. The functional form of ``SelKDLoss(selected_classes)``.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> zs = torch.randn(6, 3, requires_grad=True)
+        >>> loss = sk.closed_set_selkd_loss(zs, torch.randn(6, 10), torch.tensor([7, 2, 4, 4, 2, 7]),
+        ...                                 [7, 2, 4])
+        >>> loss.backward(); zs.grad.shape
+        torch.Size([6, 3])
+    """
+    _check_pair(student_logits, teacher_logits)
     tau = V.check_positive("tau", tau)
+    weight = V.check_nonnegative("weight", weight)
     V.check_choice("coupling", coupling, {"softmax", "balanced"})
-    sel = _check_selected(selected_classes)
+    sel = check_selected(selected_classes)
     m, n = student_logits.shape
-    if teacher_logits.shape[0] != m:
-        raise ValueError(f"teacher_logits has batch size {teacher_logits.shape[0]} but "
-                         f"student_logits has {m}")
     if n != sel.numel():
         raise ValueError(f"student_logits has {n} classes but selected_classes has {sel.numel()}")
-    if int(sel.max()) >= teacher_logits.shape[1]:
-        raise ValueError(f"selected_classes has class {int(sel.max())} but teacher_logits has "
-                         f"only {teacher_logits.shape[1]} classes")
-    y = local_labels(_check_target(target, m).to(student_logits.device), sel, open_set=False)
+    _check_fits(sel, teacher_logits.shape[1], open_set=False)
+    y = None
+    if target is not None:
+        y = local_labels(V.check_labels("target", target, n=m, rows_of="student_logits")
+                         .to(student_logits.device), sel, open_set=False,
+                         num_classes=teacher_logits.shape[1])
+    elif coupling == "balanced":
+        raise ValueError("target is needed for coupling='balanced' (the batch's label counts "
+                         "are its column marginal)")
     cd = V.compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(cd)
-    zt = teacher_logits.detach()[:, sel.to(teacher_logits.device)].to(cd)
-    ce = F.cross_entropy(zs, y)
+    zt = teacher_logits.detach().index_select(1, sel.to(teacher_logits.device)).to(cd)
     log_ps = torch.log_softmax(zs / tau, dim=1)
     if coupling == "softmax":
         log_pt = torch.log_softmax(zt / tau, dim=1)
@@ -177,7 +251,10 @@ def closed_set_selkd_loss(student_logits, teacher_logits, target, selected_class
         p_t = balanced_teacher_coupling(zt, y, tau, n_iters=sinkhorn_iters, backend=backend)
         kl = (torch.xlogy(p_t, p_t) - p_t * log_ps).sum(1).mean()
     scale = tau * tau if tau_squared else 1.0
-    return (ce + weight * scale * kl).to(student_logits.dtype)
+    loss = weight * scale * kl
+    if y is not None:
+        loss = F.cross_entropy(zs, y) + loss
+    return loss.to(student_logits.dtype)
 
 
 # ---- open set ----------------------------------------------------------------------------------
@@ -186,10 +263,11 @@ class _OpenSetLossFunction(torch.autograd.Function):
     """Loss and student gradient from one fused backend call; backward only scales."""
 
     @staticmethod
-    def forward(ctx, student_scores, teacher_scores, target, backend, gamma, eps, lam, method,
-                n_iters):
+    def forward(ctx, student_scores, teacher_scores, target, gamma, backend, eps, lam, method,
+                n_iters, formulation):
         loss, grad = backend.loss_forward(student_scores, teacher_scores, target, gamma=gamma,
-                                          eps=eps, lam=lam, method=method, n_iters=n_iters)
+                                          eps=eps, lam=lam, method=method, n_iters=n_iters,
+                                          formulation=formulation)
         ctx.save_for_backward(grad)
         ctx.in_dtype = student_scores.dtype
         return loss.to(student_scores.dtype)
@@ -197,22 +275,42 @@ class _OpenSetLossFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
-        return (grad * grad_loss.to(grad.dtype)).to(ctx.in_dtype), *([None] * 8)
+        return (grad * grad_loss.to(grad.dtype)).to(ctx.in_dtype), *([None] * 9)
 
 
 def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels",
                         eps: float = 1.0, weight: float = 1.0, method: str = "exact",
-                        n_iters: int = 10, backend: str = "auto") -> torch.Tensor:
-    """Open-set SelKD loss on scores that are already in the student's (n+1)-column space.
+                        n_iters: int = 10, backend: str = "auto",
+                        formulation: str = "paper") -> torch.Tensor:
+    r"""Open-set SelKD loss (paper 2, Eq. 14) on scores already in the student's column space.
+
+    .. math:: L = -\frac1m \sum_i \Big[\sum_j (Y_{ij} + \lambda P^T_{ij}) \log P^S_{ij}
+              + [\text{consistent}]\,(Y_{i,n} + \lambda(1 - \textstyle\sum_j P^T_{ij}))
+              \log(1 - \textstyle\sum_j P^S_{ij})\Big]
+
+    with ``P^S``, ``P^T`` the partial-OT couplings (Eq. 12-14) of the student's and the teacher's
+    scores (docs/selective_kd.md; ``log(1 - row mass)`` is floored, see
+    :mod:`selkd_kernels.ops.partial_ot.reference`).
 
     Args:
-        student_scores: (m, n+1) student scores, "not selected" last.
-        teacher_scores: (m, n+1) teacher open-set scores (:func:`open_set_teacher_logits`).
-        target: (m,) local labels in ``[0, n]``, ``n`` = "not selected".
-        gamma: total coupling mass, a number in (0, m] or ``"labels"`` (selected count).
+        student_scores: (m, k) student scores: ``k = n + 1`` with "not selected" last
+            (``formulation="paper"``) or ``k = n`` (``"consistent"``).
+        teacher_scores: (m, k) teacher scores (:func:`open_set_teacher_scores`).
+        target: (m,) local labels in ``[0, n]``, ``n`` = "not selected"; or None (no labels:
+            the distillation term alone; ``gamma`` must then be a number).
+        gamma: total coupling mass, a number in (0, m] or ``"labels"`` (the selected count).
         eps, method, n_iters, backend: as in :func:`selkd_kernels.partial_ot`.
         weight: ``lam`` of Eq. 14.
+        formulation: ``"paper"`` or ``"consistent"`` (module docs).
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> zs = torch.randn(8, 4, requires_grad=True)   # 3 selected classes, "not selected"
+        >>> zt = torch.randn(8, 4)
+        >>> y = torch.tensor([0, 1, 2, 3, 3, 0, 1, 3])
+        >>> sk.open_set_selkd_loss(zs, zt, y, gamma="labels", backend="torch").backward()
     """
+    V.check_choice("formulation", formulation, set(FORMULATIONS))
     eps, n_iters = validate_partial_ot_args(student_scores, eps, method, n_iters,
                                             name="student_scores")
     V.check_tensor("teacher_scores", teacher_scores, (2,))
@@ -222,15 +320,20 @@ def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels
         raise ValueError(f"teacher_scores must have shape {tuple(student_scores.shape)} like "
                          f"student_scores, got {tuple(teacher_scores.shape)}")
     m, k = student_scores.shape
-    y = _check_target(target, m)
-    if bool(((y < 0) | (y >= k)).any()):
-        raise ValueError(f"target entries must be local labels in [0, {k - 1}]")
+    n = k - 1 if formulation == "paper" else k
     weight = V.check_nonnegative("weight", weight)
-    gamma = resolve_gamma(gamma, m, y, k)
+    if target is None:
+        if isinstance(gamma, str):
+            raise ValueError("gamma must be a number when target is None (there are no labels "
+                             "to count the selected samples from)")
+        y = torch.full((m,), -1, dtype=torch.long, device=student_scores.device)
+    else:
+        y = V.check_labels("target", target, n=m, num_classes=n + 1, rows_of="student_scores")
+    gamma = resolve_gamma(gamma, m, y, n)
     be = get_partial_ot_backend(backend, student_scores.device, m)
-    teacher_scores = teacher_scores.detach()
-    return _OpenSetLossFunction.apply(student_scores, teacher_scores, y, be, gamma, eps,
-                                      float(weight), method, n_iters)
+    g = gamma_tensor(gamma, student_scores, teacher_scores)
+    return _OpenSetLossFunction.apply(student_scores, teacher_scores.detach(), y, g, be, eps,
+                                      float(weight), method, n_iters, formulation)
 
 
 # ---- functional and module ---------------------------------------------------------------------
@@ -239,59 +342,79 @@ def selkd_loss(student_logits, teacher_logits, target, selected_classes, *, open
                tau: float = 4.0, weight: float = 1.0, tau_squared: bool = True,
                coupling: str = "softmax", sinkhorn_iters: int = 50, eps: float = 1.0,
                gamma="labels", method: str = "exact", n_iters: int = 10,
-               backend: str = "auto") -> torch.Tensor:
+               backend: str = "auto", formulation: str = "paper") -> torch.Tensor:
     """Selective KD loss (paper 2, Eq. 10 closed set / Eq. 14 open set).
 
     Args:
-        student_logits: (m, n) closed set, or (m, n+1) open set ("not selected" last).
+        student_logits: (m, n) closed set or ``formulation="consistent"``, (m, n+1) for the
+            ``"paper"`` open set ("not selected" last).
         teacher_logits: (m, N) full teacher logits (frozen).
-        target: (m,) labels in the teacher's numbering.
+        target: (m,) labels in the teacher's numbering ``[0, N)``, or None (unlabelled batch:
+            the distillation term alone; in the open set ``gamma`` must then be a number).
         selected_classes: the n selected teacher classes; column j of the student is class
             ``selected_classes[j]``.
         open_set: which variant.
         tau, tau_squared, coupling, sinkhorn_iters: closed set (module docs).
-        eps, gamma, method, n_iters: open set; see :func:`selkd_kernels.partial_ot`.
+        eps, gamma, method, n_iters, formulation: open set; see :func:`open_set_selkd_loss`.
         weight: ``lam``, the weight of the distillation term.
         backend: kernels for the partial-OT coupling (open set) or the Sinkhorn solve
             (balanced closed set).
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> zt = torch.randn(6, 10)                       # teacher knows 10 classes
+        >>> zs = torch.randn(6, 3, requires_grad=True)    # student: classes 7, 2, 4
+        >>> y = torch.tensor([7, 2, 4, 4, 2, 7])
+        >>> sk.selkd_loss(zs, zt, y, [7, 2, 4], tau=4.0).backward()
     """
     if not open_set:
         return closed_set_selkd_loss(student_logits, teacher_logits, target, selected_classes,
                                      tau=tau, weight=weight, tau_squared=tau_squared,
                                      coupling=coupling, sinkhorn_iters=sinkhorn_iters,
                                      backend=backend)
-    V.check_tensor("student_logits", student_logits, (2,))
+    V.check_choice("formulation", formulation, set(FORMULATIONS))
+    _check_pair(student_logits, teacher_logits)
     eps = V.check_positive("eps", eps)
-    sel = _check_selected(selected_classes)
-    if student_logits.shape[1] != sel.numel() + 1:
-        raise ValueError(f"student_logits must have n + 1 = {sel.numel() + 1} columns in the open "
-                         f"set ('not selected' last), got {student_logits.shape[1]}")
-    V.check_tensor("teacher_logits", teacher_logits, (2,))
-    V.check_same_device(student_logits=student_logits, teacher_logits=teacher_logits)
-    if teacher_logits.shape[0] != student_logits.shape[0]:
-        raise ValueError(f"teacher_logits has batch size {teacher_logits.shape[0]} but "
-                         f"student_logits has {student_logits.shape[0]}")
-    zt = open_set_teacher_logits(teacher_logits.detach(), sel, temperature=eps)
-    y = local_labels(_check_target(target, student_logits.shape[0]).to(student_logits.device),
-                     sel, open_set=True)
+    sel = check_selected(selected_classes)
+    want = sel.numel() + (1 if formulation == "paper" else 0)
+    if student_logits.shape[1] != want:
+        raise ValueError(f"student_logits must have {want} columns in the open set with "
+                         f"formulation={formulation!r} (n = {sel.numel()} selected classes"
+                         f"{', then not selected' if formulation == 'paper' else ''}), got "
+                         f"{student_logits.shape[1]}")
+    zt = open_set_teacher_scores(teacher_logits.detach(), sel, formulation=formulation, eps=eps)
+    y = None
+    if target is not None:
+        y = local_labels(V.check_labels("target", target, n=student_logits.shape[0],
+                                        rows_of="student_logits").to(student_logits.device),
+                         sel, open_set=True, num_classes=teacher_logits.shape[1])
     return open_set_selkd_loss(student_logits, zt, y, gamma=gamma, eps=eps, weight=weight,
-                               method=method, n_iters=n_iters, backend=backend)
+                               method=method, n_iters=n_iters, backend=backend,
+                               formulation=formulation)
 
 
 class SelKDLoss(torch.nn.Module):
     r"""Selective KD objective as a module (paper 2, Eq. 10 / Eq. 14).
 
     ``SelKDLoss(selected_classes, open_set=False, ...)``; ``forward(student_logits,
-    teacher_logits, target)`` with the full (m, N) teacher logits and teacher-numbered labels.
-    See :func:`selkd_loss` for the arguments and the module docs for the maths.
+    teacher_logits, target=None)`` with the full (m, N) teacher logits and teacher-numbered labels.
+    See :func:`selkd_loss` for the arguments and the module docs for the maths; compose it with a
+    feature term through :class:`selkd_kernels.CombinedLoss`.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> crit = sk.SelKDLoss([7, 2, 4], open_set=True, formulation="consistent")
+        >>> zs = torch.randn(6, crit.num_outputs, requires_grad=True)
+        >>> crit(zs, torch.randn(6, 10), torch.tensor([7, 0, 2, 9, 4, 7])).backward()
     """
 
     def __init__(self, selected_classes, open_set: bool = False, *, tau: float = 4.0,
                  weight: float = 1.0, tau_squared: bool = True, coupling: str = "softmax",
                  sinkhorn_iters: int = 50, eps: float = 1.0, gamma="labels",
-                 method: str = "exact", n_iters: int = 10, backend: str = "auto"):
+                 method: str = "exact", n_iters: int = 10, backend: str = "auto",
+                 formulation: str = "paper"):
         super().__init__()
-        self.register_buffer("selected_classes", _check_selected(selected_classes).clone())
+        self.register_buffer("selected_classes", check_selected(selected_classes).clone())
         self.open_set = bool(open_set)
         self.tau = V.check_positive("tau", tau)
         self.weight = V.check_nonnegative("weight", weight)
@@ -299,131 +422,35 @@ class SelKDLoss(torch.nn.Module):
         self.coupling = V.check_choice("coupling", coupling, {"softmax", "balanced"})
         self.sinkhorn_iters = V.check_positive_int("sinkhorn_iters", sinkhorn_iters)
         self.eps = V.check_positive("eps", eps)
-        if isinstance(gamma, str) and gamma != "labels":
-            raise ValueError(f"gamma must be a number or 'labels', got {gamma!r}")
+        if isinstance(gamma, str):
+            V.check_choice("gamma", gamma, {"labels"})
+        else:
+            V.check_positive("gamma", gamma)
         self.gamma = gamma
-        self.method = V.check_choice("method", method, {"exact", "bregman"})
+        self.method = V.check_choice("method", method, set(_po_ref.METHODS))
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.backend = check_backend_name(backend)
+        self.formulation = V.check_choice("formulation", formulation, set(FORMULATIONS))
 
     @property
     def num_outputs(self) -> int:
-        """Student outputs expected: n, or n + 1 in the open set."""
-        return self.selected_classes.numel() + (1 if self.open_set else 0)
+        """Student outputs expected: n (closed set, consistent open set) or n + 1 (paper's
+        open set)."""
+        extra = 1 if self.open_set and self.formulation == "paper" else 0
+        return self.selected_classes.numel() + extra
 
-    def forward(self, student_logits, teacher_logits, target):
+    def forward(self, student_logits, teacher_logits, target=None):
         return selkd_loss(student_logits, teacher_logits, target, self.selected_classes,
                           open_set=self.open_set, tau=self.tau, weight=self.weight,
                           tau_squared=self.tau_squared, coupling=self.coupling,
                           sinkhorn_iters=self.sinkhorn_iters, eps=self.eps, gamma=self.gamma,
-                          method=self.method, n_iters=self.n_iters, backend=self.backend)
+                          method=self.method, n_iters=self.n_iters, backend=self.backend,
+                          formulation=self.formulation)
 
     def extra_repr(self):
         common = (f"n={self.selected_classes.numel()}, open_set={self.open_set}, "
                   f"weight={self.weight}")
         if self.open_set:
-            return f"{common}, eps={self.eps}, gamma={self.gamma!r}, method={self.method!r}"
+            return (f"{common}, formulation={self.formulation!r}, eps={self.eps}, "
+                    f"gamma={self.gamma!r}, method={self.method!r}")
         return f"{common}, tau={self.tau}, coupling={self.coupling!r}"
-
-
-# ---- prediction and metrics --------------------------------------------------------------------
-
-@dataclass
-class SelKDPrediction:
-    """Output of :func:`selkd_predict`.
-
-    Attributes:
-        pred: (m,) predicted local class, ``n`` (= k - 1) meaning "not selected".
-        not_selected_score: (m,) ``1 - sum_{j < n} P_ij``, higher = more likely not selected.
-        coupling: (m, k) the partial-OT coupling ``P``.
-    """
-    pred: torch.Tensor
-    not_selected_score: torch.Tensor
-    coupling: torch.Tensor
-
-
-def selkd_predict(student_scores: torch.Tensor, gamma, *, eps: float = 1.0,
-                  method: str = "exact", n_iters: int = 10, backend: str = "auto",
-                  labels=None) -> SelKDPrediction:
-    """Open-set prediction by the partial-OT coupling of the test batch (paper 2, Sec. 3.2.2).
-
-    For sample ``i`` take the argmax over ``[P_i,1 .. P_i,n+1, 1 - sum_j P_ij]``; the last two
-    entries both mean "not selected" (local class ``n``). ``gamma`` is the expected number of
-    selected samples in the batch (e.g. ``m`` times the selected fraction seen in training);
-    ``"labels"`` with ``labels`` uses the true count (an oracle, for analysis only).
-
-    Caveat (measured in ``python/selkd_digits.py``). The coupling only rescales rows, so within a
-    row its argmax is the argmax of the scores; the rule differs from a plain argmax only through
-    the slack ``1 - sum_j P_ij``. ``gamma`` counts the selected samples, yet the "not selected"
-    column is part of the coupling too, so all m rows share a mass of ``gamma``: a row whose mass
-    is close to ``gamma / m`` (what the CE term of Eq. 14 favours, and exactly what Alg. 1 returns
-    when every row starts above 1) has slack ``1 - gamma / m``, which beats its best column
-    whenever the selected fraction is at most 1/2. Such rules then reject many selected samples;
-    the plain argmax over the n + 1 outputs does not have this bias.
-    """
-    eps, n_iters = validate_partial_ot_args(student_scores, eps, method, n_iters,
-                                            name="student_scores")
-    m, k = student_scores.shape
-    gamma = resolve_gamma(gamma, m, labels, k)
-    be = get_partial_ot_backend(backend, student_scores.device, m)
-    with torch.no_grad():
-        log_p = partial_ot_log(student_scores, gamma, eps, method, n_iters, be)
-        p = torch.exp(log_p.to(V.compute_dtype(student_scores)))
-        slack = (1.0 - p.sum(1)).clamp_min(0.0)
-        ext = torch.cat([p, slack.unsqueeze(1)], dim=1)
-        pred = ext.argmax(1).clamp_max(k - 1)
-        not_sel = (1.0 - p[:, :k - 1].sum(1)).clamp(0.0, 1.0)
-    return SelKDPrediction(pred, not_sel, p)
-
-
-def auroc(scores, positives) -> float:
-    """Area under the ROC curve of ``scores`` for the binary labels ``positives``.
-
-    Mann-Whitney form with tied scores given their average rank (the same convention as
-    scikit-learn's ``roc_auc_score``). NaN when one class is empty.
-    """
-    s = np.asarray(torch.as_tensor(scores).detach().cpu().double())
-    y = np.asarray(torch.as_tensor(positives).detach().cpu().bool())
-    if s.shape != y.shape or s.ndim != 1:
-        raise ValueError("scores and positives must be 1-D of the same length")
-    n_pos = int(y.sum())
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(s, kind="mergesort")
-    sorted_s = s[order]
-    ranks = np.empty(s.size, dtype=np.float64)
-    i = 0
-    while i < s.size:
-        j = i
-        while j + 1 < s.size and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i:j + 1]] = 0.5 * (i + j) + 1.0
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
-
-
-def selkd_metrics(pred: torch.Tensor, not_selected_score: Optional[torch.Tensor],
-                  local_target: torch.Tensor, num_selected: int) -> dict:
-    """Open-set metrics (docs/losses.md).
-
-    Args:
-        pred: (m,) predicted local classes, ``num_selected`` = "not selected".
-        not_selected_score: (m,) rejection score (higher = not selected), or None.
-        local_target: (m,) true local labels, ``num_selected`` = "not selected".
-        num_selected: n.
-
-    Returns ``{"closed_acc": accuracy on the selected samples (a rejection counts as an error),
-    "open_acc": accuracy on all samples with "not selected" as a class, "auroc": AUROC of the
-    score for detecting unselected samples}``.
-    """
-    pred = pred.detach().cpu().long()
-    y = local_target.detach().cpu().long()
-    sel = y < num_selected
-    out = {
-        "closed_acc": float((pred[sel] == y[sel]).double().mean()) if sel.any() else float("nan"),
-        "open_acc": float((pred == y).double().mean()),
-    }
-    out["auroc"] = (auroc(not_selected_score, ~sel) if not_selected_score is not None
-                    else float("nan"))
-    return out

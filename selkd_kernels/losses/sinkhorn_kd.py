@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .. import _validation as V
 from ..ops.registry import check_backend_name
 from ..ops.sinkhorn import reference as _ref
-from ..ops.sinkhorn.dispatch import get_backend
+from ..ops.sinkhorn.dispatch import describe, get_backend
 
 _REDUCTIONS = {"mean", "sum", "none"}
 
@@ -155,7 +155,9 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                               n_iters=n_iters, tol=tol, check_every=check_every, method=method)
         rows, iters, err = out.loss, out.iters, out.err.detach()
     else:
-        be = get_backend(backend, student_logits.device)
+        be = get_backend(backend, student_logits.device,
+                         describe(teacher_logits, student_logits, cost, method=method,
+                                  n_iters=n_iters, kd=True))
         rows, iters, err = kd_rows(student_logits, teacher_logits, cost, be, tau, eps, n_iters,
                                    tol, check_every, method)
     loss = _reduce(rows, reduction).to(student_logits.dtype)

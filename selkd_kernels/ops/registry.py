@@ -9,11 +9,17 @@ Every op (``ops/<op>/``) owns one :class:`BackendRegistry`, built in its ``dispa
 
 A backend object has ``name``, ``supports(device) -> bool`` (whether it runs on tensors of that
 device here and now), optionally ``max_rows`` (a kernel that holds the whole batch in one
-program), and the op's methods, all taking keyword arguments after the tensors. Inputs arrive
+program), optionally ``expected_speedup(problem) -> float | None`` (its estimated speed over the
+reference backend on the same device for the call described by ``problem``, an op-defined
+description built from shapes and arguments only; None: no estimate), and the op's methods, all
+taking keyword arguments after the tensors. Inputs arrive
 validated; a backend returns results in the compute dtype (:func:`selkd_kernels._validation.
 compute_dtype`). A compiled backend whose module fails to import (extension not built, Triton
 missing) is unavailable, nothing more: ``"auto"`` falls back to the next entry with one warning
-per device type, an explicit name raises ``ValueError`` saying why.
+per device type, an explicit name raises ``ValueError`` saying why. When the caller describes
+the call (``problem``), ``"auto"`` also passes over a backend that expects to be slower than the
+reference there (``expected_speedup < 1``), so that choosing it never makes a call slower than
+the reference would be; :meth:`BackendRegistry.explain` says what ``"auto"`` picks and why.
 
 The environment variable ``SELKD_BACKEND`` forces the choice ``"auto"`` makes, for every op.
 """
@@ -100,9 +106,10 @@ class BackendRegistry:
         return rows is None or limit is None or rows <= limit
 
     def resolve(self, name: str, device: torch.device, rows: int | None = None,
-                rows_arg: str = "input"):
+                rows_arg: str = "input", problem=None):
         """The backend for ``name`` ("auto" or explicit) on ``device``, for a batch of ``rows``
-        (``rows_arg`` names the argument that has them, for the error message)."""
+        (``rows_arg`` names the argument that has them, for the error message); ``problem``
+        (optional) describes the call for the backends' ``expected_speedup``."""
         check_backend_name(name)
         if name == "auto":
             forced = os.environ.get(ENV_VAR, "").strip().lower()
@@ -111,7 +118,7 @@ class BackendRegistry:
                     raise ValueError(f"environment variable {ENV_VAR} must be one of "
                                      f"{list(BACKEND_NAMES)} or 'auto', got {forced!r}")
                 return self.resolve(forced, device, rows, rows_arg)
-            return self._auto(device, rows)
+            return self._auto(device, rows, problem)
         be = self.load(name)
         if be is None:
             raise ValueError(f"backend {name!r} is not available for {self.op} here: "
@@ -124,13 +131,48 @@ class BackendRegistry:
                              f"{be.max_rows} per call for {self.op}; use backend='auto'")
         return be
 
-    def _auto(self, device: torch.device, rows):
+    @staticmethod
+    def _speedup(be, problem):
+        hook = getattr(be, "expected_speedup", None)
+        if problem is None or hook is None:
+            return None
+        return hook(problem)
+
+    def explain(self, device, rows=None, problem=None) -> list[tuple[str, str]]:
+        """``(backend, verdict)`` for every entry of the ``"auto"`` order on ``device``, in
+        order, the first verdict ``"picked"``: why ``"auto"`` chooses what it chooses."""
+        device = torch.device(device)
+        out, picked = [], False
+        for cand in self.auto_order.get(device.type, ("torch",)):
+            be = self.load(cand)
+            if be is None or not be.supports(device):
+                why = self._failed.get(cand, f"does not run on {device.type} tensors here")
+                out.append((cand, f"unavailable: {why}"))
+                continue
+            if not self._fits(be, rows):
+                out.append((cand, f"skipped: at most {be.max_rows} rows"))
+                continue
+            speed = self._speedup(be, problem)
+            if speed is not None and speed < 1.0 and cand != "torch":
+                out.append((cand, f"skipped: expected {speed:.2f}x the reference's speed"))
+                continue
+            note = "" if speed is None else f" (expected {speed:.2f}x the reference's speed)"
+            out.append((cand, ("picked" if not picked else "not needed") + note))
+            picked = True
+        if not picked:
+            out.append(("torch", "picked (fallback)"))
+        return out
+
+    def _auto(self, device: torch.device, rows, problem=None):
         for cand in self.auto_order.get(device.type, ("torch",)):
             be = self.load(cand)
             if be is not None and be.supports(device):
-                if self._fits(be, rows):
-                    return be
-                continue  # a size limit of that kernel, not a missing backend: no warning
+                if not self._fits(be, rows):
+                    continue  # a size limit of that kernel, not a missing backend: no warning
+                speed = self._speedup(be, problem)
+                if speed is not None and speed < 1.0 and cand != "torch":
+                    continue  # expected slower than the reference for this call: no warning
+                return be
             if cand != "torch" and (device.type, cand) not in self._warned:
                 self._warned.add((device.type, cand))
                 why = self._failed.get(cand, f"it does not run on {device.type} tensors here")

@@ -1,4 +1,5 @@
-"""Transferability baselines (NCE, LEEP, LogME, H-score) and ranking-quality measures."""
+"""Transferability baselines on known cases (perfect / random predictions, separable /
+overlapping features) and ranking-quality measures."""
 import math
 
 import numpy as np
@@ -7,15 +8,6 @@ import torch
 
 from selkd_kernels.assessment import baselines as M
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these problems are tiny: on a shared 2-core machine a second intra-op thread only adds
-    # synchronisation cost (10x slower Sinkhorn steps measured), so run them single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _blobs(sep, n_per=60, k=3, d=5, seed=0):
@@ -133,6 +125,94 @@ def test_h_score_known_value_one_dimension():
     assert M.h_score(f, y) == pytest.approx(1.0)
 
 
+def test_h_score_is_degenerate_below_the_dimension_and_shrinkage_fixes_it():
+    rng = np.random.default_rng(0)
+    y = np.arange(30) % 5
+    noise = rng.normal(size=(30, 60))
+    informative = noise.copy()
+    informative[:, :5] += 4 * np.eye(5)[y]
+    # N < D: the pseudo-inverse gives C - 1 whatever the features
+    assert M.h_score(noise, y) == pytest.approx(4.0, abs=1e-6)
+    assert M.h_score(informative, y) == pytest.approx(4.0, abs=1e-6)
+    lw_noise = M.h_score(noise, y, shrinkage="ledoit-wolf")
+    lw_inf = M.h_score(informative, y, shrinkage="ledoit-wolf")
+    assert lw_inf > lw_noise and lw_inf < 4.0
+    with pytest.raises(ValueError, match="shrinkage"):
+        M.h_score(noise, y, shrinkage=1.5)
+    with pytest.raises(ValueError, match="shrinkage"):
+        M.h_score(noise, y, shrinkage="oas")
+
+
+def test_ledoit_wolf_matches_scikit_learn():
+    from sklearn.covariance import ledoit_wolf_shrinkage
+    rng = np.random.default_rng(1)
+    for shape in [(30, 60), (200, 8)]:
+        x = rng.normal(size=shape) @ rng.normal(size=(shape[1], shape[1]))
+        assert M.ledoit_wolf_shrinkage(x) == pytest.approx(
+            ledoit_wolf_shrinkage(x - x.mean(0)), rel=1e-10)
+
+
+# ----------------------------------------------------------------------- LogME variants
+
+def test_logme_reference_equals_exact_with_full_rank_features():
+    f, y = _blobs(1.0, n_per=80)
+    assert M.logme(f, y, variant="reference") == pytest.approx(M.logme(f, y), abs=2e-3)
+
+
+def test_logme_reference_drops_the_null_space_term_below_the_dimension():
+    rng = np.random.default_rng(2)
+    n, d = 20, 50
+    y = np.arange(n) % 4
+    f = 0.3 * rng.normal(size=(n, d))
+    f[:, :4] += 3 * np.eye(4)[y]
+    exact, alphas, _ = M.logme(f, y, return_params=True)
+    ref = M.logme(f, y, variant="reference")
+    # the reference code sums log(alpha + beta s_j) over the N non-zero s_j only
+    missing = np.mean([(d - n) / 2 * np.log(a) / n for a in alphas])
+    assert ref == pytest.approx(exact + missing, abs=1e-2)
+    assert abs(ref - exact) > 0.5
+
+
+# ------------------------------------------------------------------ NLEEP, SFDA, PARC, TransRate
+
+@pytest.mark.parametrize("fn", [M.nleep, M.sfda, M.parc, M.transrate, M.logme,
+                                lambda f, y: M.h_score(f, y, shrinkage="ledoit-wolf")])
+def test_separable_features_score_higher_than_overlapping(fn):
+    f_sep, y = _blobs(6.0)
+    f_ovl, _ = _blobs(0.05, seed=4)
+    assert fn(f_sep, y) > fn(f_ovl, y)
+
+
+def test_sfda_perfect_features_and_range():
+    f, y = _blobs(20.0)
+    assert M.sfda(f, y) == pytest.approx(1.0, abs=1e-3)
+    rng = np.random.default_rng(5)
+    s = M.sfda(rng.normal(size=f.shape), y)
+    assert 0 < s < 0.9
+
+
+def test_nleep_is_a_log_likelihood():
+    f, y = _blobs(20.0)
+    v = M.nleep(f, y)
+    assert -math.log(3) - 1e-9 <= v <= 0
+    assert v == pytest.approx(0.0, abs=0.05)  # well-separated blobs: the mixture predicts y
+
+
+def test_parc_known_values():
+    y = np.arange(30) % 3
+    onehot = np.eye(3)[y]
+    assert M.parc(onehot, y) > 95  # features that are the labels: near-perfect agreement
+    rng = np.random.default_rng(6)
+    assert abs(M.parc(rng.normal(size=(30, 8)), y)) < 25
+
+
+def test_transrate_known_values():
+    y = np.arange(40) % 2
+    assert M.transrate(np.ones((40, 3)), y) == pytest.approx(0.0, abs=1e-12)
+    f_sep, yy = _blobs(6.0)
+    assert M.transrate(f_sep, yy) > 0
+
+
 # ------------------------------------------------------------------------- ranking quality
 
 def test_ranking_quality_orientation():
@@ -141,21 +221,30 @@ def test_ranking_quality_orientation():
     lo = [0.1, 0.2, 0.3, 0.4]  # a distance: lower is better
     for s, hib in [(hi, True), (lo, False)]:
         q = M.ranking_quality(s, acc, higher_is_better=hib)
-        assert q["pearson"] == pytest.approx(1.0)
-        assert q["kendall"] == pytest.approx(1.0)
-        assert q["weighted_kendall"] == pytest.approx(1.0)
+        for k in ("pearson", "kendall", "weighted_kendall", "weighted_kendall_gt"):
+            assert q[k] == pytest.approx(1.0)
         assert q["top1_regret"] == 0.0
     q = M.ranking_quality(lo, acc, higher_is_better=True)
     assert q["kendall"] == pytest.approx(-1.0)
     assert q["top1_regret"] == pytest.approx(0.3)
 
 
-def test_weighted_kendall_weights_top_swaps_more():
+def test_weighted_kendall_both_weightings_count_top_swaps_more():
     acc = [5.0, 4.0, 3.0, 2.0, 1.0]
     swap_top = [4.0, 5.0, 3.0, 2.0, 1.0]
     swap_bottom = [5.0, 4.0, 3.0, 1.0, 2.0]
     assert M.kendall(swap_top, acc) == pytest.approx(M.kendall(swap_bottom, acc))
-    assert M.weighted_kendall(swap_top, acc) < M.weighted_kendall(swap_bottom, acc)
+    for fn in (M.weighted_kendall, M.weighted_kendall_gt):
+        assert fn(swap_top, acc) < fn(swap_bottom, acc)
+
+
+def test_weighted_kendall_is_scipys_default():
+    from scipy import stats
+    rng = np.random.default_rng(0)
+    s, a = rng.normal(size=9), rng.normal(size=9)
+    assert M.weighted_kendall(s, a) == pytest.approx(stats.weightedtau(s, a)[0])
+    # the ground-truth-weighted form differs from it on general data
+    assert M.weighted_kendall_gt(s, a) != pytest.approx(M.weighted_kendall(s, a))
 
 
 def test_pearson_matches_numpy_and_minmax():
@@ -166,14 +255,31 @@ def test_pearson_matches_numpy_and_minmax():
     assert n.tolist() == [1.0, 0.0, 0.5]
 
 
+def test_ranking_imports_without_scipy_and_names_the_extra():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['scipy'] = None; import selkd_kernels as sk\n"
+            "assert sk.top1_regret([1., 2.], [0.5, 0.7]) == 0.0\n"
+            "try:\n    sk.pearson([1., 2., 3.], [1., 2., 4.])\n"
+            "except ImportError as e:\n    print('ERR', e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "selkd-kernels[demo]" in out.stdout
+
+
 @pytest.mark.parametrize("call", [
     lambda: M.nce([0, 1], [0]),
     lambda: M.leep(np.ones((3, 2)) / 2, [0, 1]),
     lambda: M.logme(np.ones(5), [0, 1, 0, 1, 0]),
+    lambda: M.logme(np.ones((4, 2)), [0, 1, 0, 1], variant="paper"),
     lambda: M.h_score(np.ones((4, 2)), [0.5, 1, 0, 1]),
+    lambda: M.h_score(np.ones((4, 2)) * 1j, [0, 1, 0, 1]),
     lambda: M.ranking_quality([1, 2, 3], [1, 2]),
     lambda: M.ranking_quality([1], [1]),
     lambda: M.logme(np.full((4, 2), np.nan), [0, 1, 0, 1]),
+    lambda: M.parc(np.ones((2, 2)), [0, 1]),
+    lambda: M.transrate(np.ones((4, 2)), [0, 1, 0, 1], eps=0),
 ])
 def test_bad_input_raises_value_error(call):
     with pytest.raises(ValueError):

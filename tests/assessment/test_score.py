@@ -8,15 +8,6 @@ from selkd_kernels.losses.multi_teacher import (MultiTeacherSinkhornKDLoss, asse
                                          multi_teacher_sinkhorn_kd_loss)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these problems are tiny: on a shared 2-core machine a second intra-op thread only adds
-    # synchronisation cost (10x slower Sinkhorn steps measured), so run them single-threaded
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
 
 def _teacher(name, features, logits, labels_for_centres=None, weight=None):
     c_t = logits.shape[1]
@@ -97,7 +88,8 @@ def test_approx1_and_exact_paths():
 def test_score_is_mean_sinkhorn_distance():
     teachers, y, k = _zoo()
     t = teachers[1]
-    r = sk.assess_teachers([t], y, k, progress=False, cost_normalize=None, tol=None)
+    r = sk.assess_teachers([t], y, k, score="sinkhorn", progress=False, cost_normalize=None,
+                           tol=None)
     z_f = fit_linear_probe(t.features, y, k)
     cost = teacher_cost(t, y, k)
     want = sk.sinkhorn_kd_loss(z_f, t.logits, cost, tau=3.0, eps=0.1, n_iters=100)
@@ -166,3 +158,107 @@ def test_multi_teacher_loss_is_weighted_sum_and_differentiable():
         crit(z_s, z_ts[:1])
     with pytest.raises(ValueError, match="weights"):
         multi_teacher_sinkhorn_kd_loss(z_s, z_ts, costs, [1.0])
+
+
+# ------------------------------------------------------------------------ score variants
+
+def _same_space():
+    """Three classes on both sides with the same centres: teacher = student."""
+    c = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    return c, sk.euclidean_cost(c, c)
+
+
+def test_divergence_is_zero_on_identical_inputs_and_nonnegative():
+    from selkd_kernels.assessment.score import transport_rows
+    _, m = _same_space()
+    z = torch.randn(16, 3, generator=torch.Generator().manual_seed(0)) * 3
+    d = transport_rows(z, z, m, score="divergence", self_costs=(m, m), tau=1.0, eps=0.1)
+    assert float(d.abs().max()) < 1e-5
+    # S_eps itself is not zero there: its entropy term is the bias the divergence removes
+    s = transport_rows(z, z, m, score="sinkhorn", tau=1.0, eps=0.1)
+    assert float(s.abs().min()) > 1e-3
+    other = torch.randn(16, 3, generator=torch.Generator().manual_seed(1)) * 3
+    d2 = transport_rows(z, other, m, score="divergence", self_costs=(m, m), tau=1.0, eps=0.1)
+    assert float(d2.min()) > -1e-6 and float(d2.mean()) > 1e-3
+    with pytest.raises(ValueError, match="self_costs"):
+        transport_rows(z, z, m, score="divergence")
+
+
+def test_transport_score_is_the_plan_cost():
+    from selkd_kernels.assessment.score import transport_rows
+    g = torch.Generator().manual_seed(2)
+    zt, zs, m = torch.randn(5, 4, generator=g), torch.randn(5, 3, generator=g), \
+        torch.rand(4, 3, generator=g)
+    got = transport_rows(zt, zs, m, score="transport", tau=2.0, eps=0.1, tol=1e-9,
+                         n_iters=2000)
+    r = sk.sinkhorn(torch.softmax(zt / 2, 1), torch.softmax(zs / 2, 1), m, eps=0.1,
+                    n_iters=2000, tol=1e-9, return_plan=True)
+    want = (r.plan * m).sum((1, 2))
+    torch.testing.assert_close(got, want.double(), rtol=1e-5, atol=1e-6)
+    # S_eps = <T, M> - eps H(T): the entropy term is positive, so S_eps < <T, M>
+    s = transport_rows(zt, zs, m, score="sinkhorn", tau=2.0, eps=0.1, tol=1e-9, n_iters=2000)
+    assert bool((s < got).all())
+
+
+def test_teacher_costs_share_one_scale():
+    from selkd_kernels.assessment.score import teacher_costs
+    teachers, y, k = _zoo()
+    for t in teachers:
+        raw = teacher_costs(t, y, k)
+        norm = teacher_costs(t, y, k, normalize="mean")
+        scale = float(raw[0].mean())
+        for a, b in zip(raw, norm):
+            torch.testing.assert_close(a / scale, b)
+        assert float(norm[0].mean()) == pytest.approx(1.0)
+        assert float(raw[1].diagonal().abs().max()) == 0
+        assert float(raw[2].diagonal().abs().max()) == 0
+        assert raw[1].shape == (t.num_classes, t.num_classes) and raw[2].shape == (k, k)
+
+
+def test_cross_validated_probe_predicts_out_of_fold():
+    from selkd_kernels.assessment.score import (_softmax_regressions, _standardise,
+                                                cross_validated_probe, stratified_folds)
+    teachers, y, k = _zoo(n_per=6)
+    f = teachers[2].features
+    z, wd, losses = cross_validated_probe(f, y, k, weight_decays=(1e-2, 1.0), folds=3)
+    assert wd in (1e-2, 1.0) and len(losses) == 2
+    assert losses[(1e-2, 1.0).index(wd)] == min(losses)
+    fold = stratified_folds(y, 3)
+    assert all(int(torch.bincount(y[fold == j], minlength=k).min()) == 2 for j in range(3))
+    # rows of fold 0 come from a probe fitted on folds 1-2 only
+    x = _standardise(f)
+    w, b = _softmax_regressions(x, y, (fold != 0).double().unsqueeze(0), k, wd, 500)
+    want = (x @ w[0] + b[0])[fold == 0]
+    torch.testing.assert_close(z[fold == 0].double(), want, atol=1e-4, rtol=1e-4)
+    z2, wd2, _ = cross_validated_probe(f, y, k, weight_decays=(1e-2, 1.0), folds=3)
+    assert torch.equal(z, z2) and wd2 == wd
+    with pytest.raises(ValueError, match="labels"):
+        cross_validated_probe(f[:5], torch.tensor([0, 0, 1, 1, 2]), 3)  # class 2: one sample
+
+
+def test_in_sample_probe_memorises_where_cross_validation_does_not():
+    # more dimensions than samples, features unrelated to the labels (the few-shot regime)
+    g = torch.Generator().manual_seed(3)
+    feats, y, k = torch.randn(40, 100, generator=g), torch.arange(40) % 4, 4
+    z_in = fit_linear_probe(feats, y, k, weight_decay=1e-4)
+    from selkd_kernels.assessment.score import cross_validated_probe
+    z_cv, _, _ = cross_validated_probe(feats, y, k)
+    acc_in = float((z_in.argmax(1) == y).float().mean())
+    acc_cv = float((z_cv.argmax(1) == y).float().mean())
+    assert acc_in > 0.9 and acc_cv < 0.6
+
+
+@pytest.mark.parametrize("score", ["sinkhorn", "transport", "divergence"])
+@pytest.mark.parametrize("probe", ["fixed", "cv"])
+def test_assess_teachers_variants_rank_the_related_teacher_first(score, probe):
+    teachers, y, k = _zoo()
+    r = sk.assess_teachers(teachers, y, k, score=score, probe=probe, progress=False)
+    assert r.best_name == "same" and r.score == score and r.probe == probe
+    assert len(r.rows) == 3 and all(row.shape == (len(y),) for row in r.rows)
+    torch.testing.assert_close(torch.stack([row.mean() for row in r.rows]), r.scores)
+    if probe == "cv":
+        assert all(w in (1e-4, 1e-3, 1e-2, 1e-1, 1.0) for w in r.probe_weight_decay)
+    with pytest.raises(ValueError, match="score"):
+        sk.assess_teachers(teachers, y, k, score="kl", progress=False)
+    with pytest.raises(ValueError, match="probe"):
+        sk.assess_teachers(teachers, y, k, probe="loo", progress=False)

@@ -47,8 +47,6 @@ def test_triton_kd_matches_the_float64_reference(case):
     kd._check(_tiny(case))
 
 
-@pytest.mark.xfail(strict=True, reason="ops/sinkhorn/triton.py leaves the potentials of a NaN "
-                   "row finite (torch and cpp write NaN); fixed there, this test starts passing")
 def test_bad_row_potentials_are_nan():
     a = torch.full((2, 3), 1 / 3)
     b = torch.full((2, 4), 0.25)

@@ -108,15 +108,9 @@ def _loss_step(crit, k, model, x, z_ts, y, lr=0.5):
     return loss.detach()
 
 
-_NEEDS_ISSUE_14 = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported, strict=False,
-    reason="closed-set SelKD checks its labels on the host; traceable once issue-14's "
-           "losses/selkd.py is merged (then this marker goes)")
-
-
 @pytest.mark.parametrize("dynamic", [False, True])
 @pytest.mark.parametrize("name", ["kd-cpp", "kd-torch", "multi-teacher",
-                                  pytest.param("closed-selkd", marks=_NEEDS_ISSUE_14)])
+                                  "closed-selkd"])
 def test_training_step_of_every_loss_compiles(name, dynamic):
     from selkd_kernels.apps.training import MLP
     torch._dynamo.reset()

@@ -1,10 +1,13 @@
-"""Selective KD losses (closed and open set), prediction and metrics (paper 2; docs/losses.md)."""
+"""Selective KD losses, closed and open set, both open-set formulations (paper 2;
+docs/selective_kd.md). Prediction and metrics: test_selkd_inference.py."""
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import selkd_kernels as sk
+from selkd_kernels.ops.partial_ot import reference as R
+from tests.utils import assert_close
 
 SEL = [7, 2, 4]  # student column j is teacher class SEL[j]
 N = 9
@@ -156,38 +159,101 @@ def test_open_set_bad_inputs():
         sk.open_set_teacher_logits(zt, list(range(N)))
 
 
-def test_predict_rule_and_slack():
-    # row 0: confident class 1; row 1: confident "not selected" column; rows 2-3: weak scores that
-    # the coupling leaves mostly unassigned (slack wins -> "not selected")
-    z = torch.tensor([[0.0, 9.0, 0.0, 0.0],
-                      [0.0, 0.0, 0.0, 9.0],
-                      [-9.0, -9.0, -9.0, -9.0],
-                      [-8.0, -9.0, -9.0, -9.0]], dtype=torch.float64)
-    out = sk.selkd_predict(z, 2.0, backend="torch")
-    assert out.pred.tolist() == [1, 3, 3, 3]
-    P = out.coupling
-    torch.testing.assert_close(out.not_selected_score, 1 - P[:, :3].sum(1))
-    ext = torch.cat([P, (1 - P.sum(1, keepdim=True))], 1)
-    assert (out.pred == ext.argmax(1).clamp_max(3)).all()
+@pytest.mark.parametrize("method", ["exact", "bregman"])
+def test_consistent_open_set_loss_equals_reference(method):
+    """formulation="consistent": n student columns, the teacher's selected logits, labels of
+    unselected classes trained through the leftover row mass."""
+    zs, zt, y = _batch(m=14, closed=False)
+    zs = zs[:, :3].contiguous()
+    y_loc = sk.local_labels(y, SEL, open_set=True)
+    gamma = float((y_loc < 3).sum())
+    zt_c = 0.8 * torch.log_softmax(zt / 0.8, 1)[:, SEL]
+    want = R.open_set_loss(zs, zt_c, y_loc, gamma, 0.8, 1.7, method, 6, "consistent")
+    for be in sk.available_partial_ot_backends("cpu"):
+        loss = sk.selkd_loss(zs, zt, y, SEL, open_set=True, formulation="consistent", eps=0.8,
+                             weight=1.7, method=method, n_iters=6, backend=be)
+        assert_close(loss, want, rtol=1e-10, atol=1e-10, name=f"loss ({be})")
+    mod = sk.SelKDLoss(SEL, open_set=True, formulation="consistent", eps=0.8, weight=1.7,
+                       method=method, n_iters=6, backend="torch")
+    assert mod.num_outputs == 3
+    assert_close(mod(zs, zt, y), want, rtol=1e-10, atol=1e-10, name="module loss")
+    with pytest.raises(ValueError, match="student_logits"):
+        mod(torch.randn(14, 4, dtype=torch.float64), zt, y)
 
 
-def test_auroc_matches_sklearn():
-    metrics = pytest.importorskip("sklearn.metrics")
-    rng = np.random.default_rng(0)
-    for n in [5, 50, 301]:
-        s = np.round(rng.normal(size=n), 1)  # rounding creates ties
-        y = rng.random(n) < 0.3
-        y[0], y[1] = True, False
-        assert abs(sk.auroc(torch.tensor(s), torch.tensor(y)) -
-                   metrics.roc_auc_score(y, s)) < 1e-12
-    assert np.isnan(sk.auroc(torch.tensor([0.1, 0.2]), torch.tensor([True, True])))
+@pytest.mark.parametrize("formulation", ["paper", "consistent"])
+def test_open_set_gradcheck_both_formulations(formulation):
+    zs, zt, y = _batch(m=8, seed=5, closed=False)
+    if formulation == "consistent":
+        zs = zs[:, :3].contiguous()
+    zs.requires_grad_()
+    # the Triton interpreter is too slow for gradcheck's many calls; its gradient is compared
+    # with the reference and with central differences in tests/ops/partial_ot/test_kernels.py
+    for be in [b for b in sk.available_partial_ot_backends("cpu") if b != "triton"]:
+        def f(z):
+            return sk.selkd_loss(z, zt, y, SEL, open_set=True, formulation=formulation, eps=0.9,
+                                 weight=2.0, n_iters=4, backend=be)
+        assert torch.autograd.gradcheck(f, (zs,), eps=1e-6, atol=1e-7), be
 
 
-def test_metrics():
-    pred = torch.tensor([0, 1, 3, 3, 2, 0])
-    y = torch.tensor([0, 2, 3, 1, 2, 3])  # n = 3
-    score = torch.tensor([0.1, 0.2, 0.9, 0.8, 0.3, 0.4])
-    m = sk.selkd_metrics(pred, score, y, 3)
-    assert m["closed_acc"] == pytest.approx(2 / 4)  # samples 0,1,3,4 selected; 0 and 4 right
-    assert m["open_acc"] == pytest.approx(3 / 6)
-    assert m["auroc"] == pytest.approx(sk.auroc(score, y == 3))
+def test_unlabelled_batches_give_the_distillation_term_alone():
+    zs, zt, y = _batch()
+    kd = sk.selkd_loss(zs, zt, None, SEL, tau=2.0, weight=0.5)
+    full = sk.selkd_loss(zs, zt, y, SEL, tau=2.0, weight=0.5)
+    y_loc = sk.local_labels(y, SEL, open_set=False)
+    assert_close(full - kd, F.cross_entropy(zs, y_loc), rtol=1e-12, atol=1e-12, name="CE part")
+    zs, zt, y = _batch(m=10, closed=False)
+    for formulation, cols in (("paper", 4), ("consistent", 3)):
+        z = zs[:, :cols].contiguous()
+        kd = sk.selkd_loss(z, zt, None, SEL, open_set=True, formulation=formulation, gamma=4.0)
+        want = R.open_set_loss(z, sk.open_set_teacher_scores(zt, SEL, formulation=formulation),
+                               torch.full((10,), -1), 4.0, 1.0, 1.0, "exact", 10, formulation)
+        assert_close(kd, want, rtol=1e-12, atol=1e-12, name=formulation)
+        with pytest.raises(ValueError, match="gamma"):
+            sk.selkd_loss(z, zt, None, SEL, open_set=True, formulation=formulation)
+    with pytest.raises(ValueError, match="target"):
+        sk.selkd_loss(zs[:, :3], zt, None, SEL, coupling="balanced")
+
+
+@pytest.mark.parametrize("bad", [-1, N, 10 ** 12])
+def test_open_set_labels_outside_the_teacher_classes_raise(bad):
+    zs, zt, y = _batch(closed=False)
+    y = y.clone()
+    y[3] = bad
+    for formulation, cols in (("paper", 4), ("consistent", 3)):
+        with pytest.raises(ValueError, match="target"):
+            sk.selkd_loss(zs[:, :cols], zt, y, SEL, open_set=True, formulation=formulation)
+    with pytest.raises(ValueError, match="target"):
+        sk.local_labels(y, SEL, open_set=True, num_classes=N)
+
+
+def test_weights_validated_and_numpy_scalars_accepted():
+    for bad in [float("nan"), float("inf"), -1.0, "1"]:
+        with pytest.raises(ValueError, match="weight"):
+            sk.SelKDLoss(SEL, weight=bad)
+        with pytest.raises(ValueError, match="weight"):
+            sk.selkd_loss(*_batch(), SEL, weight=bad)
+    zs, zt, y = _batch()
+    mod = sk.SelKDLoss(SEL, weight=np.float32(0.5), tau=np.float64(2.0), eps=np.float32(0.7),
+                       n_iters=np.int64(4), gamma=np.float32(5.0))
+    assert_close(mod(zs, zt, y), sk.selkd_loss(zs, zt, y, SEL, weight=0.5, tau=2.0),
+                 rtol=1e-6, atol=1e-6, name="numpy-configured module")
+    with pytest.raises(ValueError, match="formulation"):
+        sk.SelKDLoss(SEL, open_set=True, formulation="dykstra")
+    with pytest.raises(ValueError, match="gamma"):
+        sk.SelKDLoss(SEL, open_set=True, gamma="count")
+
+
+def test_teacher_scores_of_both_formulations():
+    _, zt, _ = _batch(closed=False)
+    paper = sk.open_set_teacher_scores(zt, SEL, formulation="paper", eps=0.5)
+    assert_close(paper, sk.open_set_teacher_logits(zt, SEL, temperature=0.5), name="paper")
+    cons = sk.open_set_teacher_scores(zt, SEL, formulation="consistent", eps=0.5)
+    # K = exp(Z / eps) has row sums = the teacher's probability of a selected class at eps
+    assert_close(torch.exp(cons / 0.5).sum(1), torch.softmax(zt / 0.5, 1)[:, SEL].sum(1),
+                 rtol=1e-12, name="consistent row masses")
+    assert_close(sk.open_set_teacher_scores(zt + 7.0, SEL, formulation="consistent"),
+                 sk.open_set_teacher_scores(zt, SEL, formulation="consistent"), rtol=1e-12,
+                 atol=1e-12, name="invariant to a row's logit offset")
+    with pytest.raises(ValueError, match="selected_classes"):
+        sk.open_set_teacher_scores(zt, [1, 99], formulation="consistent")

@@ -7,8 +7,14 @@ Every backend object (the reference below, ``cpp.BACKEND``, ``triton.BACKEND``) 
 * ``coupling(scores, *, gamma, eps, method, n_iters) -> (log_p, l, rho, sat)``: ``log P`` (m, k),
   the row log-masses ``l`` of ``K = exp(Z / eps)``, the row log-masses ``rho`` of the coupling,
   and the saturated-row mask ``sat`` (exact method; None for ``"bregman"``);
-* ``loss_forward(student_scores, teacher_scores, target, *, gamma, eps, lam, method, n_iters)
-  -> (loss, grad)``: the open-set loss (a 0-d tensor) and its gradient w.r.t. the student scores,
+* ``loss_forward(student_scores, teacher_scores, target, *, gamma, eps, lam, method, n_iters,
+  formulation) -> (loss, grad)``: the open-set loss (a 0-d tensor) of ``formulation``
+  (``"paper"`` or ``"consistent"``) and its gradient w.r.t. the student scores; ``target`` is an
+  int64 tensor of local labels, ``-1`` for a row without one,
+
+``gamma`` arrives as a 0-d tensor in the compute dtype on the scores' device (a number, or the
+selected count of a ``gamma="labels"`` batch, never synchronised to the host), ``eps``, ``lam``
+and ``n_iters`` as Python numbers,
 
 with the semantics of :mod:`selkd_kernels.ops.partial_ot.reference`, in the compute dtype and
 without an autograd graph: :mod:`selkd_kernels.ops.partial_ot.api` and
@@ -33,21 +39,18 @@ class TorchBackend:
         return True
 
     def coupling(self, scores, *, gamma, eps, method, n_iters):
-        z = scores.to(V.compute_dtype(scores))
+        z = scores.detach().to(V.compute_dtype(scores))
         with torch.no_grad():
             log_p, rho, sat = _ref.log_coupling(z, gamma, eps, method, n_iters)
             l = _ref.row_log_mass(z, eps)
         return log_p, l, rho, sat
 
     def loss_forward(self, student_scores, teacher_scores, target, *, gamma, eps, lam, method,
-                     n_iters):
+                     n_iters, formulation):
         cd = V.compute_dtype(student_scores, teacher_scores)
-        zs = student_scores.detach().to(cd).requires_grad_(True)
-        with torch.enable_grad():
-            loss = _ref.open_set_loss(zs, teacher_scores.to(cd), target, gamma, eps, lam, method,
-                                      n_iters)
-            (grad,) = torch.autograd.grad(loss, zs)
-        return loss.detach(), grad
+        with torch.no_grad():
+            return _ref.loss_and_grad(student_scores.to(cd), teacher_scores.to(cd), target,
+                                      gamma, eps, lam, method, n_iters, formulation)
 
 
 REGISTRY = BackendRegistry(

@@ -25,7 +25,7 @@ import torch
 
 from ... import _validation as V
 from . import reference as _ref
-from .dispatch import get_backend
+from .dispatch import describe, get_backend
 
 
 @dataclass
@@ -181,7 +181,9 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     if torch_only and backend not in ("auto", "torch"):
         raise ValueError(f"backend {backend!r} does not implement {torch_only[0]}; use "
                          f"backend='torch' or 'auto'")
-    be = get_backend("torch" if torch_only else backend, a.device)
+    be = (get_backend("torch", a.device) if torch_only else
+          get_backend(backend, a.device,
+                      describe(a, b, cost, method=method, n_iters=n_iters, kd=False)))
     rejected = _check_marginals(a, b, be) if check_marginals else None
     solver = _Solver(be, eps, n_iters, tol, check_every, method, eps_scaling, scaling_iters)
     if grad == "unrolled":

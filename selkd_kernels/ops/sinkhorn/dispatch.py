@@ -18,6 +18,8 @@ Outputs carry no autograd graph: gradients come from the envelope theorem
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ... import _validation as V
 from ..registry import BackendRegistry
 from . import reference as _ref
@@ -52,9 +54,40 @@ REGISTRY = BackendRegistry(
     reference=TorchBackend())
 
 
-def get_backend(name: str, device):
-    """Resolve ``name`` ("auto" or an explicit backend) for tensors on ``device``."""
-    return REGISTRY.resolve(name, device)
+@dataclass(frozen=True)
+class SinkhornProblem:
+    """What ``backend="auto"`` weighs on a GPU (see :func:`describe`): shapes, compute dtype,
+    shared or per-row cost, KD or plain solve, ``method``, iteration count and device type.
+    Built from shapes and arguments only, so resolving a backend never reads a tensor."""
+    B: int
+    m: int
+    n: int
+    dtype_name: str
+    shared: bool
+    kd: bool
+    method: str
+    n_iters: int
+    device_type: str
+
+
+def describe(a, b, cost, *, method: str, n_iters: int, kd: bool) -> SinkhornProblem | None:
+    """The :class:`SinkhornProblem` of a call (``a``: source side, the teacher for KD); None for
+    tensors off CUDA, where no backend weighs it (and traced code keeps symbolic shapes)."""
+    if a.device.type != "cuda":
+        return None
+    return SinkhornProblem(B=int(a.shape[0]), m=int(a.shape[1]), n=int(b.shape[1]),
+                           dtype_name=str(V.compute_dtype(a, b, cost)).replace("torch.", ""),
+                           shared=cost.dim() == 2, kd=kd, method=method, n_iters=int(n_iters),
+                           device_type=a.device.type)
+
+
+def get_backend(name: str, device, problem: SinkhornProblem | None = None):
+    """Resolve ``name`` ("auto" or an explicit backend) for tensors on ``device``.
+
+    With ``problem``, ``"auto"`` passes over a backend that estimates itself slower than the
+    torch reference for that call (the Triton backend on CUDA tensors: estimates from the
+    offline compile report while no GPU measurement exists, docs/gpu.md)."""
+    return REGISTRY.resolve(name, device, problem=problem)
 
 
 def available_backends(device=None) -> list[str]:

@@ -1,107 +1,85 @@
-r"""Triton backend (``backend="triton"``): the whole batched Sinkhorn solve in one kernel launch.
+r"""Triton backend (``backend="triton"``) of the batched Sinkhorn solve and the fused KD forward.
 
-Mathematics (identical to :mod:`selkd_kernels.ops.sinkhorn.reference`, which defines the right answer)
----------------------------------------------------------------------------------------------------
-For every row of the batch we solve the entropic OT problem of paper 1, Eq. (5) / (12)::
+Mathematics: that of :mod:`selkd_kernels.ops.sinkhorn.reference` (paper 1, Eq. 5, 12-13 and
+18-20, Alg. 3), which defines the right answer: for every row of the batch, Sinkhorn's iteration
+``u <- a / (K v)``, ``v <- b / (K^T u)`` from ``u = v = 1`` (an alpha-update then a beta-update),
+the loss ``<alpha, r> + <beta, b> - eps sum(r)`` of the plan after the last beta-update (``r`` its
+row sums), the error ``||r - a||_1``, per-row stopping at ``tol`` checked every ``check_every``
+iterations, and (fused KD forward, Eq. 10-12 and Prop. 4.2) the temperature softmaxes and the
+envelope gradients ``dS/dz = (phi - <phi, p>) p / tau``.
 
-    S_eps(a, b) = min_{T >= 0, T 1 = a, T^T 1 = b}  <T, M> - eps H(T),   H(T) = -sum T (log T - 1)
+Which kernel runs (docs/gpu.md), for a problem of ``B`` rows and ``m x n`` classes:
 
-through its dual (Eq. 13), ``max <alpha,a> + <beta,b> - eps sum exp((alpha_i + beta_j - M_ij)/eps)``
-whose maximiser gives the plan ``T = diag(u) K diag(v)`` with ``K = exp(-M/eps)`` and
-``alpha = eps log u``, ``beta = eps log v`` (Eq. 18-19). Sinkhorn's fixed point (Eq. 20, Alg. 3),
-``u <- a / (K v)`` then ``v <- b / (K^T u)``, is run in the log domain so that nothing under- or
-overflows for eps down to 1e-3 with costs in [0, 10] (``exp(-M/eps)`` would be ``exp(-10^4)``)::
+* shared cost, the reference's standard domain (``method="standard"``, or ``"auto"`` with
+  ``(max M - min M) / eps`` small for the dtype): the tensor-core scaling solve,
+  :mod:`.triton_scaling` (one launch, ``pow2(m) * pow2(n) <= 128^2``) or :mod:`.triton_gemm`
+  (one batched product per half-iteration, many classes);
+* the reference's log domain (small eps, ``method="log"``) and per-row costs: the stabilised
+  scaling kernel :mod:`.triton_stabilized` (absorption, log-domain fallback), or for large class
+  counts the tiled log-domain kernel :mod:`.triton_log`.
 
-    alpha_i <- eps log a_i - eps LSE_j((beta_j  - M_ij) / eps)
-    beta_j  <- eps log b_j - eps LSE_i((alpha_i - M_ij) / eps)
+``method="auto"`` is decided on the device (each kernel reads ``min M``, ``max M`` and applies the
+reference's rule), so no call synchronises with the host; the kernels for both domains are
+launched and the one whose domain was not chosen returns at once.
 
-starting from ``alpha = beta = 0``; one iteration is an alpha-update followed by a beta-update.
+Host side: float scalars are kernel arguments typed float64 (no per-call tensor, hence no
+host-to-device copy); sizes, iteration counts and strides are ``do_not_specialize``, so a
+training loop compiles each kernel once per dtype and class-count bucket; scratch comes from
+PyTorch's caching allocator. Every call is a fixed sequence of launches with no host
+synchronisation and can be captured in a CUDA graph.
 
-Base-2 units. Inside the kernels every potential and cost is kept in units of ``eps / log2(e)``:
-``f = alpha log2(e) / eps``, ``g = beta log2(e) / eps``, ``C = M log2(e) / eps`` and
-``log2 a``, so each LSE is ``max + log2(sum exp2(x - max))`` -- one ``exp2`` per cost entry with
-the ``log2(e)/eps`` factor folded into the cost once, instead of a multiply per exponential. The
-factor and its inverse ``eps ln 2`` live in a small tensor of the compute dtype (not kernel scalars,
-which Triton would pass as float32 and so spoil float64 runs).
+Compute dtype: float32 for float16 / bfloat16 / float32 inputs, float64 if any input is float64.
 
-Reported quantities (docs/ops/sinkhorn.md). With ``r_i = exp2(f_i + LSE2_j(g_j - C_ij))`` the row sums of the
-plan after the last beta-update::
+Without a GPU: with ``TRITON_INTERPRET=1`` set before this module is imported, the kernels run
+in Triton's interpreter on CPU tensors and :meth:`TritonBackend.supports` accepts CPU devices
+(the test suite's mode; slow, for correctness only).
 
-    loss = <alpha, r> + <beta, b> - eps * sum(r)         (primal value <T,M> - eps H(T))
-    err  = ||r - a||_1
-
-where entries of zero mass contribute nothing (their potential is -inf). The row LSE that gives
-``r`` is the same one the next alpha-update needs, so checking the tolerance costs no extra pass.
-With ``tol`` given the error is checked after iterations ``t`` with ``t % check_every == 0`` or
-``t == n_iters``; a row at or below ``tol`` stops and reports ``t`` iterations. Rows stop on their
-own, inside the kernel: no host synchronisation.
-
-Fused distillation forward (paper 1, Eq. 10-12 and Prop. 4.2 / Eq. 14-15): from logits,
-``p_T = softmax(z_T / tau)`` is the source ``a`` and ``p_S = softmax(z_S / tau)`` the target ``b``;
-after the solve the same kernel writes the envelope gradients::
-
-    dS/dz_S = (beta  - <beta,  p_S>) p_S / tau,     dS/dz_T = (alpha - <alpha, p_T>) p_T / tau
-
-(entries with p = 0 take and give nothing). ``alpha`` and ``beta`` are returned too: the cost
-gradient ``dS/dM = T`` is formed from them by :class:`selkd_kernels.losses.sinkhorn_kd.SinkhornKDFunction`.
-
-Kernel layout
--------------
-* *Resident* kernel (``pow2(m) * pow2(n) <= RESIDENT_MAX_ELEMS``, e.g. 100 x 100 and up to
-  128 x 128): each program owns a block of consecutive rows. A shared cost is loaded once per
-  program, already scaled to ``C``, and stays in registers while the program runs every row's full
-  solve; potentials stay in registers too. A per-row cost is loaded once per row.
-* *Streamed* kernel (larger class counts, e.g. 1000 x 1000): the cost is walked in
-  ``BLOCK_M x BLOCK_N`` tiles with an online log-sum-exp (running max and rescaled running sum), the
-  potentials of the row live in the output buffers (in base-2 units until the end) and the row LSE
-  in a scratch buffer; barriers separate the passes because different threads write and read them.
-
-Register budget (ptxas for sm_90, float32, KD with teacher gradient and tolerance): the resident
-kernel at 16 x 16 / 1 warp uses 108 registers, 64 x 64 / 4 warps and 64 x 128 / 8 warps use 255 with
-no spill, 128 x 128 / 8 warps spills about 1.2 KiB per thread (16 warps: 128 registers, 0.5 KiB).
-Column vectors of length m are replicated across the lanes of a warp in the 2-D blocked layout, so
-they, not the cost tile, dominate; that is why the loop carries only f, g and the row LSE. The
-streamed kernel at 32 x 128 / 4 warps fits without spilling. Which of "resident with spills" and
-"streamed through L1" is faster for 100 x 100 classes has to be measured on the GPU
-(``RESIDENT_MAX_ELEMS``, ``_num_warps``, ``STREAM_BLOCK_M/N``).
-
-Inputs of dtype float16 / bfloat16 / float32 are computed in float32; any float64 input makes the
-computation float64 (Triton's exp2/log2 handle float64), matching the reference backend.
-
-Running without a GPU: with ``TRITON_INTERPRET=1`` in the environment before this module is
-imported, the kernels run in Triton's interpreter on CPU tensors (docs/backends.md); :meth:`supports` then
-accepts CPU devices. The interpreter is slow -- fine for tests, not for training.
+:func:`plan` lists the launches for a problem without running them; the offline compile report
+(``benchmarks/triton_report.py``) compiles exactly those configurations.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
+from dataclasses import dataclass, field
 
 import torch
 
 try:
     import triton
-    import triton.language as tl
 except Exception as exc:  # Triton is optional: the registry reports this backend as unavailable
     raise ImportError(f"selkd_kernels.ops.sinkhorn.triton needs Triton: {exc}") from exc
 
 from ... import _validation as V
-from .reference import KDForward, SolveOutput
+from . import reference as _ref
+from . import triton_gemm as TG
+from . import triton_log as TLOG
+from . import triton_scaling as TS
+from . import triton_stabilized as TB
 
-# Largest padded m*n kept in registers by the resident kernel. A 128 x 128 float32 tile is 64 KiB,
-# 64 values per thread at 8 warps, plus one temporary of the same size during each LSE.
+# Largest padded m * n the resident kernels hold per program.
 RESIDENT_MAX_ELEMS = 128 * 128
-# Resident kernel: hold the scaled cost tile in registers for the whole row block (True), or re-read
-# it from L1/L2 at every half-iteration (False; frees no registers in practice on sm_90, see the
-# module docstring, but keeps a switch for tuning on other GPUs).
-COST_IN_REGISTERS = True
-# Tile of the streamed kernel: wide along n so loads of a cost row are contiguous.
-STREAM_BLOCK_M = 32
-STREAM_BLOCK_N = 128
+# Tensor-core precision of the scaling kernels' products (docs/gpu.md, "Precision").
+DOT_PRECISION = {torch.float32: "tf32x3", torch.float64: "ieee"}
+# Stabilised kernel: absorb when a scaling leaves [1/BOUND, BOUND]; a scaling step whose
+# denominators fall below FLOOR_SCALE * max(BM, BN) at an entry of positive mass is redone in the
+# log domain (entries of the row's kernel lost to underflow could matter there).
+STABILIZED_BOUND = {torch.float32: 2.0 ** 16, torch.float64: 2.0 ** 64}
+STABILIZED_FLOOR_SCALE = {torch.float32: 2.0 ** -86, torch.float64: 2.0 ** -905}
+# Tiles of the many-classes product (rows, output columns, contraction), of its row-wise
+# prologue / epilogue, and of the log-domain kernel (rows, columns). Read at every call: the
+# tests shrink them to reach the tiled paths with small problems.
+GEMM_TILES = {torch.float32: (64, 64, 32), torch.float64: (16, 64, 16)}
+ROWS_TILE = 32
+LOG_TILES = (32, 128)
+DEFAULT_SM_COUNT = 132
 
 _LOG2E = 1.0 / math.log(2.0)
 _LN2 = math.log(2.0)
+INT_POINTERS = ("iters_ptr", "iters_src_ptr", "active_ptr", "bad_ptr", "cbad_ptr")
+INPUT_POINTERS = ("a_ptr", "b_ptr")
 
 
 def _interpreting() -> bool:
@@ -112,381 +90,53 @@ def _interpreting() -> bool:
 _DEFINED_INTERPRETED = _interpreting()
 
 
-# ----------------------------------------------------------------------------------------------
-# shared device helpers
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _logit_shift(ptr, stride, size, zscale, BLOCK: tl.constexpr, CD: tl.constexpr):
-    """log2 of the softmax normaliser of ``z * zscale`` (base-2 LSE), by tiles of BLOCK."""
-    ar = tl.arange(0, BLOCK)
-    run_max = tl.full([BLOCK], float("-inf"), CD)
-    run_sum = tl.zeros([BLOCK], CD)
-    for s in range(0, size, BLOCK):
-        offs = s + ar
-        z = tl.load(ptr + offs * stride, mask=offs < size, other=float("-inf")).to(CD) * zscale
-        new_max = tl.maximum(run_max, z)
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp2(run_max - safe) + tl.exp2(z - safe)
-        run_max = new_max
-    top = tl.max(run_max, 0)
-    top_safe = tl.where(top == float("-inf"), 0.0, top)
-    return top_safe + tl.log2(tl.sum(run_sum * tl.exp2(run_max - top_safe), 0))
+@dataclass(frozen=True)
+class Problem:
+    """What decides the launches of one call: sizes, compute dtype, shared or per-row cost, KD
+    or plain solve, whether ``tol`` is set, ``method``, and the device's SM count."""
+    B: int
+    m: int
+    n: int
+    dtype: torch.dtype = torch.float32
+    shared: bool = True
+    kd: bool = False
+    teacher_grad: bool = False
+    has_tol: bool = False
+    method: str = "auto"
+    sm_count: int = DEFAULT_SM_COUNT
+    interpreted: bool = False
 
 
-@triton.jit
-def _log_marginal(ptr, stride, offs, mask, zscale, shift, KD: tl.constexpr, CD: tl.constexpr):
-    """(log2 p, p, count of non-finite inputs) for one tile of a marginal.
+@dataclass(frozen=True)
+class KernelConfig:
+    """One compiled kernel configuration: what the report compiles and the host launches."""
+    name: str
+    fn: object
+    constexprs: tuple
+    num_warps: int
+    num_stages: int = 1
 
-    KD: p is the temperature softmax of logits; entries whose probability underflows to 0 get
-    log2 p = -inf, as log(softmax) does in the reference. Otherwise p is read as given.
-    """
-    if KD:
-        z = tl.load(ptr + offs * stride, mask=mask, other=0.0).to(CD)
-        lp = z * zscale - shift
-        p = tl.exp2(lp)
-        lp = tl.where(mask & (p > 0), lp, float("-inf"))
-        p = tl.where(mask, p, 0.0)
-        # a -inf logit is a legitimate zero probability; NaN, +inf or an all -inf row
-        # (normaliser -inf) make the softmax NaN in the reference
-        bad = tl.sum(tl.where(mask & ((z != z) | (z == float("inf"))), 1, 0), 0)
-        bad += tl.where((shift != shift) | (shift == float("-inf")), 1, 0)
-    else:
-        p = tl.load(ptr + offs * stride, mask=mask, other=0.0).to(CD)
-        lp = tl.log2(p)
-        bad = tl.sum(tl.where(mask & ~((p == p) & (tl.abs(p) < float("inf"))), 1, 0), 0)
-    return lp, p, bad
+    @property
+    def consts(self) -> dict:
+        return dict(self.constexprs)
 
 
-@triton.jit
-def _cost_tile(m_ptr, s1, s2, oi, oj, mask, scale2, CD: tl.constexpr):
-    """Cost tile in base-2 units; padding is +inf so it drops out of every LSE."""
-    c = tl.load(m_ptr + oi[:, None].to(tl.int64) * s1 + oj[None, :] * s2, mask=mask,
-                other=float("inf")).to(CD)
-    return c * scale2
+@dataclass(frozen=True)
+class Step:
+    """A launch of ``config`` on ``grid``; ``repeat`` says how often a call launches it:
+    ``"once"``, ``"per-iteration"`` or ``"per-check"``."""
+    config: KernelConfig
+    grid: tuple
+    repeat: str = "once"
+    domain: str = "any"   # "standard" / "log": runs only where method="auto" picks that domain
 
-
-@triton.jit
-def _count_bad_cost(m_ptr, s1, s2, m, n, BM: tl.constexpr, BN: tl.constexpr, CD: tl.constexpr):
-    ai = tl.arange(0, BM)
-    aj = tl.arange(0, BN)
-    bad = tl.sum(tl.zeros([BM], tl.int32), 0)
-    for i0 in range(0, m, BM):
-        for j0 in range(0, n, BN):
-            oi = i0 + ai
-            oj = j0 + aj
-            mask = (oi < m)[:, None] & (oj < n)[None, :]
-            c = tl.load(m_ptr + oi[:, None].to(tl.int64) * s1 + oj[None, :] * s2, mask=mask,
-                        other=0.0).to(CD)
-            ok = (c == c) & (tl.abs(c) < float("inf"))
-            bad += tl.sum(tl.sum(tl.where(mask & ~ok, 1, 0), 1), 0)
-    return bad
-
-
-@triton.jit
-def _lse2(x, AXIS: tl.constexpr):
-    """Base-2 log-sum-exp along AXIS; an all -inf slice gives -inf (not NaN)."""
-    mx = tl.max(x, AXIS)
-    safe = tl.where(mx == float("-inf"), 0.0, mx)
-    return safe + tl.log2(tl.sum(tl.exp2(x - tl.expand_dims(safe, AXIS)), AXIS))
-
-
-@triton.jit
-def _potential(logp, lse):
-    """log2 p - LSE, keeping -inf (zero mass or padding) instead of forming -inf - (-inf)."""
-    return tl.where(logp == float("-inf"), float("-inf"), logp - lse)
-
-
-@triton.jit
-def _envelope_grad(phi, p, inv_tau, mask):
-    """(phi - <phi, p>) p / tau with phi zeroed where p == 0 (paper 1, Eq. 15)."""
-    phi = tl.where(p > 0, phi, 0.0)
-    mean = tl.sum(phi * p, 0)
-    return tl.where(mask, (phi - mean) * p * inv_tau, 0.0)
-
-
-# ----------------------------------------------------------------------------------------------
-# resident kernel: cost and potentials on chip for the whole solve
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _sinkhorn_resident_kernel(
-        a_ptr, sa0, sa1, b_ptr, sb0, sb1, m_ptr, sm0, sm1, sm2, prm_ptr,
-        alpha_ptr, beta_ptr, loss_ptr, iters_ptr, err_ptr, gt_ptr, gs_ptr,
-        B, m, n, n_iters, check_every, rows_per_prog,
-        BM: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
-        HAS_TOL: tl.constexpr, SHARED: tl.constexpr, COST_IN_REGS: tl.constexpr):
-    CD: tl.constexpr = alpha_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    scale2 = tl.load(prm_ptr + 0)
-    unit = tl.load(prm_ptr + 1)
-    eps = tl.load(prm_ptr + 2)
-    zscale = tl.load(prm_ptr + 3)
-    inv_tau = tl.load(prm_ptr + 4)
-    tol = tl.load(prm_ptr + 5)
-
-    oi = tl.arange(0, BM)
-    oj = tl.arange(0, BN)
-    mi = oi < m
-    mj = oj < n
-    mij = mi[:, None] & mj[None, :]
-    if SHARED:
-        if COST_IN_REGS:
-            # one load per program, reused by every row and every iteration of the block
-            C = _cost_tile(m_ptr, sm1, sm2, oi, oj, mij, scale2, CD)
-        cbad = _count_bad_cost(m_ptr, sm1, sm2, m, n, BM, BN, CD)
-
-    row0 = pid.to(tl.int64) * rows_per_prog
-    for rr in range(0, rows_per_prog):
-        r64 = row0 + rr
-        if r64 < B:
-            c_row = m_ptr + r64 * sm0
-            if not SHARED:
-                if COST_IN_REGS:
-                    C = _cost_tile(c_row, sm1, sm2, oi, oj, mij, scale2, CD)
-                cbad = _count_bad_cost(m_ptr + r64 * sm0, sm1, sm2, m, n, BM, BN, CD)
-            shift_a = 0.0
-            shift_b = 0.0
-            if KD:
-                shift_a = _logit_shift(a_ptr + r64 * sa0, sa1, m, zscale, BM, CD)
-                shift_b = _logit_shift(b_ptr + r64 * sb0, sb1, n, zscale, BN, CD)
-            la, pa, abad = _log_marginal(a_ptr + r64 * sa0, sa1, oi, mi, zscale, shift_a, KD, CD)
-            lb, pb, bbad = _log_marginal(b_ptr + r64 * sb0, sb1, oj, mj, zscale, shift_b, KD, CD)
-
-            f = tl.zeros([BM], CD)
-            g = tl.zeros([BN], CD)
-            if not COST_IN_REGS:
-                C = _cost_tile(c_row, sm1, sm2, oi, oj, mij, scale2, CD)
-            lse_r = _lse2(g[None, :] - C, 1)
-            err = tl.sum(tl.zeros([BM], CD), 0)
-            t = pid * 0
-            go = t < n_iters
-            while go:
-                if not COST_IN_REGS:
-                    # re-read from L1/L2 instead of pinning the tile in registers
-                    C = _cost_tile(c_row, sm1, sm2, oi, oj, mij, scale2, CD)
-                f = _potential(la, lse_r)
-                g = _potential(lb, _lse2(f[:, None] - C, 0))
-                t += 1
-                if not COST_IN_REGS:
-                    C = _cost_tile(c_row, sm1, sm2, oi, oj, mij, scale2, CD)
-                # this LSE serves both the error check now and the next alpha-update
-                lse_r = _lse2(g[None, :] - C, 1)
-                # padding and zero-mass rows have f = -inf, so r = 0 = a there: no mask needed
-                err = tl.sum(tl.abs(tl.exp2(f + lse_r) - pa), 0)
-                stop = t >= n_iters
-                if HAS_TOL:
-                    stop = stop | (((t % check_every) == 0) & (err <= tol))
-                go = stop == 0
-
-            r = tl.exp2(f + lse_r)
-            alpha = f * unit
-            beta = g * unit
-            loss = (tl.sum(tl.where(pa > 0, alpha * r, 0.0), 0)
-                    + tl.sum(tl.where(pb > 0, beta * pb, 0.0), 0)
-                    - eps * tl.sum(tl.where(mi, r, 0.0), 0))
-            bad = (abad + bbad + cbad) > 0
-            loss = tl.where(bad, float("nan"), loss)
-            err = tl.where(bad, float("nan"), err)
-            tl.store(alpha_ptr + r64 * m + oi, alpha, mask=mi)
-            tl.store(beta_ptr + r64 * n + oj, beta, mask=mj)
-            tl.store(loss_ptr + r64, loss)
-            tl.store(err_ptr + r64, err)
-            tl.store(iters_ptr + r64, t)
-            if KD:
-                tl.store(gs_ptr + r64 * n + oj, _envelope_grad(beta, pb, inv_tau, mj), mask=mj)
-                if TEACHER_GRAD:
-                    tl.store(gt_ptr + r64 * m + oi, _envelope_grad(alpha, pa, inv_tau, mi), mask=mi)
-
-
-# ----------------------------------------------------------------------------------------------
-# streamed kernel: cost walked in tiles, online log-sum-exp
-# ----------------------------------------------------------------------------------------------
-
-@triton.jit
-def _row_pass(a_row, sa1, c_row, sm1, sm2, f_row, g_row, lse_row, m, n, scale2, zscale, shift_a,
-              BM: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, CD: tl.constexpr):
-    """lse_r = LSE2_j(g_j - C_ij) for every i (stored), and ||exp2(f + lse_r) - a||_1 (returned)."""
-    ai = tl.arange(0, BM)
-    aj = tl.arange(0, BN)
-    err = tl.sum(tl.zeros([BM], CD), 0)
-    for i0 in range(0, m, BM):
-        oi = i0 + ai
-        mi = oi < m
-        run_max = tl.full([BM], float("-inf"), CD)
-        run_sum = tl.zeros([BM], CD)
-        for j0 in range(0, n, BN):
-            oj = j0 + aj
-            mj = oj < n
-            g = tl.load(g_row + oj, mask=mj, other=float("-inf"))
-            x = g[None, :] - _cost_tile(c_row, sm1, sm2, oi, oj, mi[:, None] & mj[None, :],
-                                        scale2, CD)
-            new_max = tl.maximum(run_max, tl.max(x, 1))
-            safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-            run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(tl.exp2(x - safe[:, None]), 1)
-            run_max = new_max
-        safe = tl.where(run_max == float("-inf"), 0.0, run_max)
-        lse = safe + tl.log2(run_sum)
-        tl.store(lse_row + oi, lse, mask=mi)
-        f = tl.load(f_row + oi, mask=mi, other=float("-inf"))
-        _, pa, _ = _log_marginal(a_row, sa1, oi, mi, zscale, shift_a, KD, CD)
-        err += tl.sum(tl.where(mi, tl.abs(tl.exp2(f + lse) - pa), 0.0), 0)
-    return err
-
-
-@triton.jit
-def _sinkhorn_streamed_kernel(
-        a_ptr, sa0, sa1, b_ptr, sb0, sb1, m_ptr, sm0, sm1, sm2, prm_ptr,
-        alpha_ptr, beta_ptr, lse_ptr, loss_ptr, iters_ptr, err_ptr, gt_ptr, gs_ptr,
-        B, m, n, n_iters, check_every, rows_per_prog,
-        BM: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, TEACHER_GRAD: tl.constexpr,
-        HAS_TOL: tl.constexpr, SHARED: tl.constexpr):
-    CD: tl.constexpr = alpha_ptr.dtype.element_ty
-    pid = tl.program_id(0)
-    scale2 = tl.load(prm_ptr + 0)
-    unit = tl.load(prm_ptr + 1)
-    eps = tl.load(prm_ptr + 2)
-    zscale = tl.load(prm_ptr + 3)
-    inv_tau = tl.load(prm_ptr + 4)
-    tol = tl.load(prm_ptr + 5)
-    ai = tl.arange(0, BM)
-    aj = tl.arange(0, BN)
-    if SHARED:
-        cbad = _count_bad_cost(m_ptr, sm1, sm2, m, n, BM, BN, CD)
-
-    row0 = pid.to(tl.int64) * rows_per_prog
-    for rr in range(0, rows_per_prog):
-        r64 = row0 + rr
-        if r64 < B:
-            a_row = a_ptr + r64 * sa0
-            b_row = b_ptr + r64 * sb0
-            c_row = m_ptr + r64 * sm0
-            # potentials live in the output rows (base-2 units) until the final conversion
-            f_row = alpha_ptr + r64 * m
-            g_row = beta_ptr + r64 * n
-            lse_row = lse_ptr + r64 * m
-            if not SHARED:
-                cbad = _count_bad_cost(c_row, sm1, sm2, m, n, BM, BN, CD)
-            shift_a = 0.0
-            shift_b = 0.0
-            if KD:
-                shift_a = _logit_shift(a_row, sa1, m, zscale, BM, CD)
-                shift_b = _logit_shift(b_row, sb1, n, zscale, BN, CD)
-
-            for i0 in range(0, m, BM):
-                tl.store(f_row + i0 + ai, tl.zeros([BM], CD), mask=i0 + ai < m)
-            for j0 in range(0, n, BN):
-                tl.store(g_row + j0 + aj, tl.zeros([BN], CD), mask=j0 + aj < n)
-            tl.debug_barrier()
-            err = _row_pass(a_row, sa1, c_row, sm1, sm2, f_row, g_row, lse_row, m, n, scale2,
-                            zscale, shift_a, BM, BN, KD, CD)
-            tl.debug_barrier()
-            t = pid * 0
-            go = t < n_iters
-            while go:
-                # alpha-update from the stored row LSE
-                for i0 in range(0, m, BM):
-                    oi = i0 + ai
-                    mi = oi < m
-                    la, _, _ = _log_marginal(a_row, sa1, oi, mi, zscale, shift_a, KD, CD)
-                    lse = tl.load(lse_row + oi, mask=mi, other=float("-inf"))
-                    tl.store(f_row + oi, _potential(la, lse), mask=mi)
-                tl.debug_barrier()
-                # beta-update: column LSE over row tiles
-                for j0 in range(0, n, BN):
-                    oj = j0 + aj
-                    mj = oj < n
-                    run_max = tl.full([BN], float("-inf"), CD)
-                    run_sum = tl.zeros([BN], CD)
-                    for i0 in range(0, m, BM):
-                        oi = i0 + ai
-                        mi = oi < m
-                        f = tl.load(f_row + oi, mask=mi, other=float("-inf"))
-                        x = f[:, None] - _cost_tile(c_row, sm1, sm2, oi, oj,
-                                                    mi[:, None] & mj[None, :], scale2, CD)
-                        new_max = tl.maximum(run_max, tl.max(x, 0))
-                        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-                        run_sum = (run_sum * tl.exp2(run_max - safe)
-                                   + tl.sum(tl.exp2(x - safe[None, :]), 0))
-                        run_max = new_max
-                    safe = tl.where(run_max == float("-inf"), 0.0, run_max)
-                    lb, _, _ = _log_marginal(b_row, sb1, oj, mj, zscale, shift_b, KD, CD)
-                    tl.store(g_row + oj, _potential(lb, safe + tl.log2(run_sum)), mask=mj)
-                tl.debug_barrier()
-                t += 1
-                err = _row_pass(a_row, sa1, c_row, sm1, sm2, f_row, g_row, lse_row, m, n, scale2,
-                                zscale, shift_a, BM, BN, KD, CD)
-                tl.debug_barrier()
-                stop = t >= n_iters
-                if HAS_TOL:
-                    stop = stop | (((t % check_every) == 0) & (err <= tol))
-                go = stop == 0
-
-            # loss and <alpha, p_T> from the final potentials, then conversion to eps units
-            abad = tl.sum(tl.zeros([BM], tl.int32), 0)
-            bbad = tl.sum(tl.zeros([BN], tl.int32), 0)
-            ar_sum = tl.sum(tl.zeros([BM], CD), 0)
-            r_sum = tl.sum(tl.zeros([BM], CD), 0)
-            at_dot = tl.sum(tl.zeros([BM], CD), 0)
-            for i0 in range(0, m, BM):
-                oi = i0 + ai
-                mi = oi < m
-                _, pa, nb = _log_marginal(a_row, sa1, oi, mi, zscale, shift_a, KD, CD)
-                abad += nb
-                f = tl.load(f_row + oi, mask=mi, other=float("-inf"))
-                lse = tl.load(lse_row + oi, mask=mi, other=float("-inf"))
-                r = tl.where(mi, tl.exp2(f + lse), 0.0)
-                alpha = f * unit
-                ar_sum += tl.sum(tl.where(pa > 0, alpha * r, 0.0), 0)
-                at_dot += tl.sum(tl.where(pa > 0, alpha * pa, 0.0), 0)
-                r_sum += tl.sum(r, 0)
-            bb_sum = tl.sum(tl.zeros([BN], CD), 0)
-            for j0 in range(0, n, BN):
-                oj = j0 + aj
-                mj = oj < n
-                _, pb, nb = _log_marginal(b_row, sb1, oj, mj, zscale, shift_b, KD, CD)
-                bbad += nb
-                g = tl.load(g_row + oj, mask=mj, other=float("-inf"))
-                bb_sum += tl.sum(tl.where(pb > 0, g * unit * pb, 0.0), 0)
-            tl.debug_barrier()
-            for i0 in range(0, m, BM):
-                oi = i0 + ai
-                mi = oi < m
-                alpha = tl.load(f_row + oi, mask=mi, other=float("-inf")) * unit
-                tl.store(f_row + oi, alpha, mask=mi)
-                if KD:
-                    if TEACHER_GRAD:
-                        _, pa, _ = _log_marginal(a_row, sa1, oi, mi, zscale, shift_a, KD, CD)
-                        phi = tl.where(pa > 0, alpha, 0.0)
-                        tl.store(gt_ptr + r64 * m + oi, (phi - at_dot) * pa * inv_tau, mask=mi)
-            for j0 in range(0, n, BN):
-                oj = j0 + aj
-                mj = oj < n
-                beta = tl.load(g_row + oj, mask=mj, other=float("-inf")) * unit
-                tl.store(g_row + oj, beta, mask=mj)
-                if KD:
-                    _, pb, _ = _log_marginal(b_row, sb1, oj, mj, zscale, shift_b, KD, CD)
-                    phi = tl.where(pb > 0, beta, 0.0)
-                    tl.store(gs_ptr + r64 * n + oj, (phi - bb_sum) * pb * inv_tau, mask=mj)
-            loss = ar_sum + bb_sum - eps * r_sum
-            bad = (abad + bbad + cbad) > 0
-            tl.store(loss_ptr + r64, tl.where(bad, float("nan"), loss))
-            tl.store(err_ptr + r64, tl.where(bad, float("nan"), err))
-            tl.store(iters_ptr + r64, t)
-            tl.debug_barrier()
-
-
-# ----------------------------------------------------------------------------------------------
-# host side
-# ----------------------------------------------------------------------------------------------
 
 def _pow2(x: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(int(x)))
 
 
-def _num_warps(tile_elems: int) -> int:
-    # about 32-64 tile values per thread: enough independent exp2s to hide MUFU latency
-    # without spilling the register-resident cost
+def _warps_for(tile_elems: int) -> int:
+    # about 32-64 tile values per thread: independent work to hide latency, no spills
     if tile_elems <= 1024:
         return 1
     if tile_elems <= 2048:
@@ -496,80 +146,320 @@ def _num_warps(tile_elems: int) -> int:
     return 8
 
 
-@functools.lru_cache(maxsize=None)
+def _cfg(name, fn, num_warps, **consts) -> KernelConfig:
+    return KernelConfig(name, fn, tuple(sorted(consts.items())), num_warps)
+
+
+def _domains(p: Problem) -> tuple[int | None, int | None]:
+    """(scaling-path DOMAIN, log-path DOMAIN) codes (0: always runs, 1 / 2: runs where
+    ``method="auto"`` picks the standard / log domain), None for a path that is not launched."""
+    if not p.shared or p.method == "log":
+        return None, 0
+    if p.method == "standard":
+        return 0, None
+    return 1, 2
+
+
+def _rows_per_program(p: Problem) -> int:
+    if p.interpreted:
+        # the interpreter runs programs one after another: fewer programs, fewer cost loads
+        return max(1, min(p.B, 16))
+    # one row per program until the batch is several times the SM count
+    return max(1, min(8, p.B // (4 * p.sm_count)))
+
+
+def _resident_rows(p: Problem) -> tuple[int, int]:
+    """Rows per program and warps of the resident tensor-core kernel."""
+    if p.dtype == torch.float64 or p.interpreted:
+        return 16, 4
+    # 32 rows read K from L1 half as often per row as 16; worth it once that still gives
+    # about one program per SM
+    return (32, 8) if triton.cdiv(p.B, 32) >= 0.9 * p.sm_count else (16, 4)
+
+
+def _scaling_steps(p: Problem, domain: int) -> list[Step]:
+    cd = p.dtype
+    prec = DOT_PRECISION[cd]
+    resident = _pow2(p.m) * _pow2(p.n) <= RESIDENT_MAX_ELEMS
+    bb, bt, bk = GEMM_TILES[cd]
+    # the many-classes products tile the padded classes by bt
+    BM, BN = (_pow2(p.m), _pow2(p.n)) if resident else (_pow2(p.m, bt), _pow2(p.n, bt))
+    steps = []
+    tm, tn = min(BM, 64), min(BN, 64)
+    steps.append(Step(_cfg("kernel-matrix", TS.kernel_matrix_kernel, 4, LDK=BN, TM=tm, TN=tn,
+                           DOMAIN=domain, PRECISION=prec), (BM // tm, BN // tn)))
+    dname = "standard" if domain == 1 else "any"
+    if resident:
+        bb, nw = _resident_rows(p)
+        bk = 16 if (cd == torch.float64 or min(BM, BN) < 32) else 32
+        steps.append(Step(_cfg("scaling-resident", TS.scaling_resident_kernel, nw, BB=bb, BM=BM,
+                               BN=BN, BK=bk, BT=min(BM, BN, 32), KD=p.kd,
+                               TEACHER_GRAD=p.kd and p.teacher_grad, HAS_TOL=p.has_tol,
+                               DOMAIN=domain, PRECISION=prec),
+                          (triton.cdiv(p.B, bb),), domain=dname))
+        return steps
+    LDM, LDN = BM, BN
+    rb = triton.cdiv(p.B, bb)
+    common = dict(BB=bb, BT=bt, BK=bk, DOMAIN=domain, PRECISION=prec)
+    rows_bt = min(ROWS_TILE, LDM, LDN)
+    steps.append(Step(_cfg("gemm-prepare", TG.rows_prepare_kernel, 4, LDM=LDM, LDN=LDN, BB=bb,
+                           BT=rows_bt, KD=p.kd, DOMAIN=domain), (rb,), domain=dname))
+    steps.append(Step(_cfg("gemm-alpha", TG.scaling_half_kernel, 4, LDX=LDN, LDY=LDM, LDK=LDN,
+                           TRANS=True, COUNT=False, **common), (rb, LDM // bt), "per-iteration",
+                      dname))
+    steps.append(Step(_cfg("gemm-beta", TG.scaling_half_kernel, 4, LDX=LDM, LDY=LDN, LDK=LDN,
+                           TRANS=False, COUNT=True, **common), (rb, LDN // bt), "per-iteration",
+                      dname))
+    if p.has_tol:
+        steps.append(Step(_cfg("gemm-check", TG.check_partial_kernel, 4, LDN=LDN, LDM=LDM,
+                               **common), (rb, LDM // bt), "per-check", dname))
+    steps.append(Step(_cfg("gemm-finish-product", TG.finish_product_kernel, 4, LDN=LDN, LDM=LDM,
+                           **common), (rb, LDM // bt), domain=dname))
+    steps.append(Step(_cfg("gemm-finish-rows", TG.finish_rows_kernel, 4, LDM=LDM, LDN=LDN, BB=bb,
+                           BT=rows_bt, KD=p.kd, TEACHER_GRAD=p.kd and p.teacher_grad,
+                           DOMAIN=domain), (rb,), domain=dname))
+    return steps
+
+
+def _log_steps(p: Problem, domain: int) -> list[Step]:
+    BM, BN = _pow2(p.m), _pow2(p.n)
+    rows = _rows_per_program(p)
+    grid = (triton.cdiv(p.B, rows),)
+    dname = "log" if domain == 2 else "any"
+    kd = dict(KD=p.kd, TEACHER_GRAD=p.kd and p.teacher_grad, HAS_TOL=p.has_tol, SHARED=p.shared,
+              DOMAIN=domain)
+    if BM * BN <= RESIDENT_MAX_ELEMS:
+        problems = 1 if p.shared else p.B
+        # float64 doubles the registers of the row's kernel: twice the threads to hold it
+        nw = _warps_for(BM * BN) * (2 if p.dtype == torch.float64 and BM * BN > 4096 else 1)
+        return [Step(_cfg("scaled-cost", TB.scaled_cost_kernel, _warps_for(BM * BN), BM=BM,
+                          BN=BN), (problems,), domain=dname),
+                Step(_cfg("stabilized", TB.stabilized_kernel, nw, BM=BM, BN=BN, **kd), grid,
+                     domain=dname)]
+    tm, tn = min(BM, LOG_TILES[0]), min(BN, LOG_TILES[1])
+    return [Step(_cfg("log-streamed", TLOG.log_streamed_kernel, _warps_for(tm * tn), BM=tm,
+                      BN=tn, **kd), grid, domain=dname)]
+
+
+def plan(p: Problem) -> list[Step]:
+    """The launches of one call on problem ``p``, in order (see the module docstring)."""
+    scaling, log = _domains(p)
+    steps = []
+    if scaling is not None:
+        steps += _scaling_steps(p, scaling)
+    if log is not None:
+        steps += _log_steps(p, log)
+    return steps
+
+
+def problem_for(a, b, cost, *, kd, teacher_grad=False, has_tol=False, method="auto") -> Problem:
+    """The :class:`Problem` of a call on these tensors (``a``: source side, teacher for KD)."""
+    dev = a.device
+    return Problem(B=a.shape[0], m=a.shape[1], n=b.shape[1], dtype=V.compute_dtype(a, b, cost),
+                   shared=cost.dim() == 2, kd=kd, teacher_grad=teacher_grad, has_tol=has_tol,
+                   method=method, sm_count=_sm_count_of(dev), interpreted=dev.type != "cuda")
+
+
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _rows_per_program(B: int, device: torch.device) -> int:
+def _sm_count_of(device: torch.device) -> int:
     if device.type != "cuda":
-        # the interpreter runs programs one after another; fewer programs, fewer cost loads
-        return max(1, min(B, 16))
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    sms = _sm_count(index)
-    # keep >= ~4 programs per SM for load balance (rows converge at different iterations),
-    # amortise the cost load over the rest
-    return max(1, min(32, B // (4 * sms)))
+        return DEFAULT_SM_COUNT
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _launch(a, b, cost, *, eps, n_iters, tol, check_every, kd, tau=1.0, teacher_grad=False,
-            resident_max_elems=None, block_m=None, block_n=None):
-    """One launch; returns (loss, alpha, beta, iters, err, grad_t, grad_s) in the compute dtype."""
-    cd = V.compute_dtype(a, b, cost)
-    dev = a.device
-    B, m = a.shape
-    n = b.shape[1]
-    shared = cost.dim() == 2
-    if shared:
-        sm0, sm1, sm2 = 0, cost.stride(0), cost.stride(1)
-    else:
-        sm0, sm1, sm2 = cost.stride(0), cost.stride(1), cost.stride(2)
-    prm = torch.tensor([_LOG2E / eps, eps * _LN2, eps, _LOG2E / tau, 1.0 / tau,
-                        0.0 if tol is None else tol], dtype=cd, device=dev)
-    alpha = torch.empty(B, m, dtype=cd, device=dev)
-    beta = torch.empty(B, n, dtype=cd, device=dev)
-    loss = torch.empty(B, dtype=cd, device=dev)
-    err = torch.empty(B, dtype=cd, device=dev)
-    iters = torch.empty(B, dtype=torch.int32, device=dev)
-    gs = torch.empty(B, n, dtype=cd, device=dev) if kd else loss
-    gt = torch.empty(B, m, dtype=cd, device=dev) if (kd and teacher_grad) else loss
-    rows = _rows_per_program(B, dev)
-    grid = (triton.cdiv(B, rows),)
-    limit = RESIDENT_MAX_ELEMS if resident_max_elems is None else resident_max_elems
-    BM, BN = _pow2(m), _pow2(n)
-    common = dict(KD=kd, TEACHER_GRAD=bool(teacher_grad), HAS_TOL=tol is not None,
-                  SHARED=shared)
-    if BM * BN <= limit:
-        _sinkhorn_resident_kernel[grid](
-            a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), cost, sm0, sm1, sm2, prm,
-            alpha, beta, loss, iters, err, gt, gs, B, m, n, n_iters, check_every, rows,
-            BM=BM, BN=BN, COST_IN_REGS=COST_IN_REGISTERS, num_warps=_num_warps(BM * BN),
-            **common)
-    else:
-        TM = min(BM, block_m or STREAM_BLOCK_M)
-        TN = min(BN, block_n or STREAM_BLOCK_N)
-        lse = torch.empty(B, m, dtype=cd, device=dev)
-        _sinkhorn_streamed_kernel[grid](
-            a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), cost, sm0, sm1, sm2, prm,
-            alpha, beta, lse, loss, iters, err, gt, gs, B, m, n, n_iters, check_every, rows,
-            BM=TM, BN=TN, num_warps=_num_warps(TM * TN), **common)
-    return (loss, alpha, beta, iters, err, gt if (kd and teacher_grad) else None,
-            gs if kd else None)
+def _f64(x: float):
+    """A float kernel argument. Compiled kernels type these float64 (the launcher passes a C
+    double); the interpreter would round a Python float to float32, so it gets a float64
+    scalar of its own kind instead."""
+    if not _interpreting():
+        return float(x)
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import TensorHandle
+    return tl.tensor(TensorHandle(np.array([x], dtype=np.float64), tl.float64), tl.float64)
+
+
+@contextlib.contextmanager
+def _quiet():
+    # the interpreter evaluates masked-off lanes with numpy (log 0, inf - inf, 0 / 0, max of an
+    # all-NaN padding slice); the masks discard those results, so its warnings are noise
+    if not _interpreting():
+        yield
+        return
+    import warnings
+
+    import numpy as np
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+def _launch(step: Step, *args):
+    cfg = step.config
+    cfg.fn[step.grid](*args, **cfg.consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+@dataclass
+class _Call:
+    """Tensors and scalars of one call, shared by every launch."""
+    a: torch.Tensor
+    b: torch.Tensor
+    cost: torch.Tensor
+    p: Problem
+    eps: float
+    n_iters: int
+    tol: float | None
+    check_every: int
+    tau: float
+    out: dict = field(default_factory=dict)
+
+    def scalar(self, name):
+        eps, tau, cd = self.eps, self.tau, self.p.dtype
+        return _f64({"eps": eps, "unit": eps * _LN2, "scale": _LOG2E / eps, "inv_tau": 1.0 / tau,
+                     "zscale": _LOG2E / tau, "tol": 0.0 if self.tol is None else self.tol,
+                     "max_range": _ref.STANDARD_DOMAIN_MAX_RANGE.get(cd, 25.0)}[name])
+
+
+def _outputs(c: _Call):
+    p, dev, cd = c.p, c.a.device, c.p.dtype
+    o = dict(alpha=torch.empty(p.B, p.m, dtype=cd, device=dev),
+             beta=torch.empty(p.B, p.n, dtype=cd, device=dev),
+             loss=torch.empty(p.B, dtype=cd, device=dev),
+             err=torch.empty(p.B, dtype=cd, device=dev),
+             iters=torch.empty(p.B, dtype=torch.int32, device=dev))
+    o["gs"] = torch.empty(p.B, p.n, dtype=cd, device=dev) if p.kd else o["loss"]
+    o["gt"] = torch.empty(p.B, p.m, dtype=cd, device=dev) if p.kd and p.teacher_grad else o["loss"]
+    return o
+
+
+def _run_kernel_matrix(c: _Call, step: Step, lo, hi):
+    """(K head, K tail): in float64 the tail is the head's buffer (one product, nothing split)."""
+    k = step.config.consts
+    dev, cd = c.a.device, c.p.dtype
+    rows = k["TM"] * step.grid[0]
+    head = torch.empty(rows, k["LDK"], dtype=cd, device=dev)
+    tail = torch.empty_like(head) if k["PRECISION"] == "tf32x3" else head
+    M = c.cost
+    _launch(step, M, M.stride(0), M.stride(1), lo, hi, head, tail, c.p.m, c.p.n, c.scalar("eps"),
+            c.scalar("max_range"))
+    return head, tail
+
+
+def _run_resident(c: _Call, step: Step, mats, lo, hi):
+    k = step.config.consts
+    p, o, dev, cd = c.p, c.out, c.a.device, c.p.dtype
+    rows = triton.cdiv(p.B, k["BB"]) * k["BB"]
+    pa, s, u, r = (torch.empty(rows, k["BM"], dtype=cd, device=dev) for _ in range(4))
+    pb, cc, v = (torch.empty(rows, k["BN"], dtype=cd, device=dev) for _ in range(3))
+    a, b = c.a, c.b
+    _launch(step, a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), *mats, lo, hi, pa, pb,
+            s, cc, u, v, r, o["alpha"], o["beta"], o["loss"], o["iters"], o["err"], o["gt"],
+            o["gs"], p.B, p.m, p.n, c.n_iters, c.check_every, c.scalar("eps"), c.scalar("unit"),
+            c.scalar("inv_tau"), c.scalar("zscale"), c.scalar("tol"), c.scalar("max_range"))
+
+
+def _checks(c: _Call) -> list[int]:
+    """Iterations after which ``tol`` is checked (the last one needs no check)."""
+    if c.tol is None:
+        return []
+    return [t for t in range(c.check_every, c.n_iters, c.check_every)]
+
+
+def _run_gemm(c: _Call, steps: dict, mats, lo, hi):
+    prep = steps["gemm-prepare"].config.consts
+    p, o, dev, cd = c.p, c.out, c.a.device, c.p.dtype
+    LDM, LDN, bb = prep["LDM"], prep["LDN"], prep["BB"]
+    bt = steps["gemm-alpha"].config.consts["BT"]
+    rows = triton.cdiv(p.B, bb) * bb
+    pa, s, u, r = (torch.empty(rows, LDM, dtype=cd, device=dev) for _ in range(4))
+    pb, cc, v = (torch.empty(rows, LDN, dtype=cd, device=dev) for _ in range(3))
+    active, bad, iters = (torch.empty(rows, dtype=torch.int32, device=dev) for _ in range(3))
+    tiles = LDM // bt
+    part = torch.zeros(rows, tiles, dtype=cd, device=dev)
+    a, b = c.a, c.b
+    eps, rng, tol = c.scalar("eps"), c.scalar("max_range"), c.scalar("tol")
+    _launch(steps["gemm-prepare"], a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), pa, pb,
+            u, v, active, bad, iters, p.B, p.m, p.n, c.scalar("zscale"), lo, hi, eps, rng)
+    checks = set(_checks(c))
+    for t in range(1, c.n_iters + 1):
+        _launch(steps["gemm-alpha"], v, *mats, pa, s, u, active, part, iters, tiles, p.n,
+                int(t - 1 in checks), lo, hi, eps, tol, rng)
+        _launch(steps["gemm-beta"], u, *mats, pb, cc, v, active, part, iters, tiles, p.m, 0, lo,
+                hi, eps, tol, rng)
+        if t in checks:
+            _launch(steps["gemm-check"], v, *mats, pa, u, active, part, tiles, p.n, lo, hi, eps,
+                    rng)
+    _launch(steps["gemm-finish-product"], v, *mats, u, r, p.n, lo, hi, eps, rng)
+    _launch(steps["gemm-finish-rows"], pa, pb, s, cc, r, bad, iters, lo, hi, o["alpha"], o["beta"],
+            o["loss"], o["iters"], o["err"], o["gt"], o["gs"], p.B, p.m, p.n, eps, c.scalar("unit"),
+            c.scalar("inv_tau"), rng)
+
+
+def _run_stabilized(c: _Call, steps: dict, lo, hi):
+    sc, st = steps["scaled-cost"], steps["stabilized"]
+    k = st.config.consts
+    p, o, dev, cd = c.p, c.out, c.a.device, c.p.dtype
+    M = c.cost
+    problems = sc.grid[0]
+    C = torch.empty(problems, k["BM"], k["BN"], dtype=cd, device=dev)
+    cbad = torch.empty(problems, dtype=torch.int32, device=dev)
+    strides = (0, M.stride(0), M.stride(1)) if p.shared else M.stride()
+    _launch(sc, M, *strides, C, cbad, p.m, p.n, c.scalar("scale"))
+    a, b = c.a, c.b
+    bm, bn = k["BM"], k["BN"]
+    bound = STABILIZED_BOUND[cd]
+    floor = STABILIZED_FLOOR_SCALE[cd] * max(bm, bn)
+    _launch(st, a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), C, cbad, lo, hi,
+            o["alpha"], o["beta"], o["loss"], o["iters"], o["err"], o["gt"], o["gs"], p.B, p.m,
+            p.n, c.n_iters, c.check_every, _rows_per_program(p), c.scalar("eps"),
+            c.scalar("unit"), c.scalar("inv_tau"), c.scalar("zscale"), c.scalar("tol"),
+            c.scalar("max_range"), _f64(floor), _f64(bound))
+
+
+def _run_log_streamed(c: _Call, step: Step, lo, hi):
+    p, o, dev, cd = c.p, c.out, c.a.device, c.p.dtype
+    M = c.cost
+    strides = (0, M.stride(0), M.stride(1)) if p.shared else M.stride()
+    f = torch.empty(p.B, p.m, dtype=cd, device=dev)
+    g = torch.empty(p.B, p.n, dtype=cd, device=dev)
+    lse = torch.empty(p.B, p.m, dtype=cd, device=dev)
+    a, b = c.a, c.b
+    _launch(step, a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), M, *strides, lo, hi,
+            f, g, lse, o["alpha"], o["beta"], o["loss"], o["iters"], o["err"], o["gt"], o["gs"],
+            p.B, p.m, p.n, c.n_iters, c.check_every, _rows_per_program(p), c.scalar("eps"),
+            c.scalar("unit"), c.scalar("scale"), c.scalar("inv_tau"), c.scalar("zscale"),
+            c.scalar("tol"), c.scalar("max_range"))
+
+
+def _solve(c: _Call):
+    """Run :func:`plan` for one call; returns the output dict."""
+    c.out = _outputs(c)
+    steps = {s.config.name: s for s in plan(c.p)}
+    lo = hi = c.out["loss"]  # not read unless a kernel needs min M / max M
+    if "kernel-matrix" in steps or any(s.config.consts.get("DOMAIN", 0) for s in steps.values()):
+        lo, hi = torch.aminmax(c.cost)
+    with _quiet():
+        if "kernel-matrix" in steps:
+            mats = _run_kernel_matrix(c, steps["kernel-matrix"], lo, hi)
+            if "scaling-resident" in steps:
+                _run_resident(c, steps["scaling-resident"], mats, lo, hi)
+            else:
+                _run_gemm(c, steps, mats, lo, hi)
+        if "stabilized" in steps:
+            _run_stabilized(c, steps, lo, hi)
+        elif "log-streamed" in steps:
+            _run_log_streamed(c, steps["log-streamed"], lo, hi)
+    return c.out
 
 
 class TritonBackend:
-    """Registry entry ``"triton"`` (see :mod:`selkd_kernels.ops.sinkhorn.dispatch`).
-
-    ``resident_max_elems``, ``block_m`` and ``block_n`` override the kernel choice and the streamed
-    tile (tests use them to reach the streamed kernel with small class counts).
-    """
+    """Registry entry ``"triton"`` (see :mod:`selkd_kernels.ops.sinkhorn.dispatch`)."""
 
     name = "triton"
-
-    def __init__(self, resident_max_elems=None, block_m=None, block_n=None):
-        self.resident_max_elems = resident_max_elems
-        self.block_m = block_m
-        self.block_n = block_n
 
     def supports(self, device) -> bool:
         device = torch.device(device)
@@ -577,25 +467,35 @@ class TritonBackend:
             return torch.cuda.is_available()
         return device.type == "cpu" and _interpreting() and _DEFINED_INTERPRETED
 
-    def _tiles(self):
-        return dict(resident_max_elems=self.resident_max_elems, block_m=self.block_m,
-                    block_n=self.block_n)
+    def expected_speedup(self, problem) -> float | None:
+        """Estimated speed-up over the torch reference on the same GPU for ``problem`` (a
+        :class:`selkd_kernels.ops.sinkhorn.dispatch.SinkhornProblem`), from the offline compile
+        report's model (:mod:`.triton_model`); None where no estimate applies (CPU tensors)."""
+        from . import triton_model
+        return triton_model.expected_speedup(problem)
+
+    def _call(self, a, b, cost, *, kd, eps, n_iters, tol, check_every, method, tau=1.0,
+              teacher_grad=False):
+        cd = V.compute_dtype(a, b, cost)
+        p = problem_for(a, b, cost, kd=kd, teacher_grad=teacher_grad, has_tol=tol is not None,
+                        method=method)
+        return _solve(_Call(a, b, cost.to(cd), p, float(eps), int(n_iters),
+                            None if tol is None else float(tol), int(check_every), float(tau)))
 
     def solve(self, a, b, cost, *, eps, n_iters, tol=None, check_every=10, method="auto"):
-        """Batched Sinkhorn solve; ``method`` is ignored (always the log-domain iteration)."""
-        loss, alpha, beta, iters, err, _, _ = _launch(
-            a, b, cost, eps=float(eps), n_iters=int(n_iters), tol=tol,
-            check_every=int(check_every), kd=False, **self._tiles())
-        return SolveOutput(loss, alpha, beta, iters, err)
+        """Batched Sinkhorn solve (see the module docstring for the kernel chosen)."""
+        o = self._call(a, b, cost, kd=False, eps=eps, n_iters=n_iters, tol=tol,
+                       check_every=check_every, method=method)
+        return _ref.SolveOutput(o["loss"], o["alpha"], o["beta"], o["iters"], o["err"])
 
     def kd_forward(self, student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol=None,
                    check_every=10, teacher_grad=False, method="auto"):
-        """Fused KD forward from logits (teacher = source a, student = target b)."""
-        loss, alpha, beta, iters, err, gt, gs = _launch(
-            teacher_logits, student_logits, cost, eps=float(eps), n_iters=int(n_iters), tol=tol,
-            check_every=int(check_every), kd=True, tau=float(tau), teacher_grad=teacher_grad,
-            **self._tiles())
-        return KDForward(loss, gs, gt, alpha, beta, iters, err)
+        """Fused KD forward from logits (teacher = source ``a``, student = target ``b``)."""
+        o = self._call(teacher_logits, student_logits, cost, kd=True, eps=eps, n_iters=n_iters,
+                       tol=tol, check_every=check_every, method=method, tau=tau,
+                       teacher_grad=teacher_grad)
+        return _ref.KDForward(o["loss"], o["gs"], o["gt"] if teacher_grad else None, o["alpha"],
+                              o["beta"], o["iters"], o["err"])
 
 
 BACKEND = TritonBackend()

@@ -1,4 +1,7 @@
-"""sk.partial_ot: the exact KL projection (docs/ops/partial_ot.md) and paper 2's Alg. 1 ("bregman")."""
+"""sk.partial_ot reference: the exact KL projection (docs/ops/partial_ot.md), paper 2's Alg. 1
+("bregman"), rows that cannot carry mass, huge scores, both open-set loss formulations."""
+
+import math
 
 import numpy as np
 import pytest
@@ -6,6 +9,7 @@ import torch
 
 import selkd_kernels as sk
 from selkd_kernels.ops.partial_ot import reference as R
+from tests.utils import assert_close, central_difference, logits
 
 
 def bisection_projection(z, gamma, eps):
@@ -212,6 +216,121 @@ def test_non_finite_scores_do_not_give_finite_looking_coupling(bad):
                 assert abs(P.sum().item() - 3.0) < 1e-9
             else:
                 assert not torch.isfinite(P).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "bregman"])
+def test_float32_huge_scores_keep_total_mass(method):
+    """|Z/eps| ~ 1e8 in float32: the solve's sums are taken relative to a row of the batch, so the
+    total mass stays gamma (it was 1 instead of 2 when log kappa was formed in absolute terms)."""
+    for seed in range(5):
+        z = logits(5, 3, torch.float32, seed=seed, scale=1e8)
+        P = sk.partial_ot(z, 2.0, eps=1.0, method=method, backend="torch")
+        assert abs(P.sum().item() - 2.0) < 1e-5, (seed, P.sum(1))
+        assert (P.sum(1) <= 1 + 1e-6).all()
+
+
+@pytest.mark.parametrize("method", ["exact", "bregman"])
+def test_nan_rows_are_left_out_of_the_batch(method):
+    """A NaN row gets NaN; the clean rows are coupled exactly as if it were absent (total mass
+    min(gamma, clean rows))."""
+    z = logits(9, 4, seed=3)
+    z[[2, 6], 1] = float("nan")
+    clean = [i for i in range(9) if i not in (2, 6)]
+    for gamma in [3.0, 8.5]:
+        P = sk.partial_ot(z, gamma, method=method, n_iters=5, backend="torch")
+        assert torch.isnan(P[[2, 6]]).all()
+        want = sk.partial_ot(z[clean], min(gamma, 7.0), method=method, n_iters=5,
+                             backend="torch")
+        assert_close(P[clean], want, rtol=1e-13, atol=1e-15, name="clean rows")
+        assert abs(P[clean].sum().item() - min(gamma, 7.0)) < 1e-12
+
+
+@pytest.mark.parametrize("method", ["exact", "bregman"])
+def test_rows_of_minus_inf_carry_no_mass(method):
+    z = logits(6, 3, seed=4)
+    z[1] = -float("inf")
+    log_p, rho, _ = R.log_coupling(z, 2.5, 0.8, method, 4)
+    assert rho[1] == -float("inf") and (log_p[1] == -float("inf")).all()
+    rest = [0, 2, 3, 4, 5]
+    want, _, _ = R.log_coupling(z[rest], 2.5, 0.8, method, 4)
+    assert_close(log_p[rest], want, rtol=1e-13, atol=1e-14, name="log P of the other rows")
+    # nothing can carry the mass: NaN, not a made-up coupling
+    log_p, rho, _ = R.log_coupling(torch.full((3, 2), -float("inf"), dtype=torch.float64), 1.0,
+                                   1.0, method, 3)
+    assert torch.isnan(rho).all()
+
+
+def test_fallback_formula_and_gamma_equal_rows():
+    g = torch.tensor([0.3, 1.0, 2.0, 2.5, 7.0], dtype=torch.float64)
+    assert R.fallback_saturated(g).tolist() == [0.0, 0.0, 1.0, 2.0, 6.0]
+    # gamma = m: every row ends with mass 1 (m - 1 saturated, the lightest takes the rest)
+    z = logits(7, 3, seed=5)
+    P = sk.partial_ot(z, 7.0, backend="torch")
+    assert_close(P.sum(1), torch.ones(7, dtype=torch.float64), atol=1e-14, name="row masses")
+
+
+def test_log_kappa_scales_the_unsaturated_rows():
+    z = logits(20, 4, seed=6)
+    l = R.row_log_mass(z, 0.5)
+    rho, sat, k = R.rho_exact(l, 9.0)
+    lk = R.log_kappa_exact(l, 9.0)
+    assert int(k) == int(sat.sum()) and int(k) > 0
+    assert_close(rho[~sat], l[~sat] + lk, rtol=1e-13, atol=1e-13, name="rho of free rows")
+    assert (l[sat] + lk >= -1e-12).all()  # saturated rows would exceed mass 1
+
+
+def _consistent_loss_by_hand(zs, zt, y, gamma, eps, lam):
+    """The consistent formulation written per row with the (n + 1)-outcome distribution
+    [P_i1 .. P_in, 1 - sum_j P_ij] (docs/selective_kd.md)."""
+    m, n = zs.shape
+    ps = sk.partial_ot(zs, gamma, eps=eps, backend="torch")
+    pt = sk.partial_ot(zt, gamma, eps=eps, backend="torch")
+    total = 0.0
+    for i in range(m):
+        dist_s = torch.cat([ps[i], (1 - ps[i].sum()).clamp_min(R.NOT_SELECTED_FLOOR)[None]])
+        dist_t = torch.cat([pt[i], (1 - pt[i].sum()).clamp_min(0)[None]])
+        target = torch.zeros(n + 1, dtype=torch.float64)
+        target[int(y[i])] = 1.0
+        total -= ((target + lam * dist_t) * torch.log(dist_s)).sum()
+    return total / m
+
+
+def test_consistent_loss_is_the_row_cross_entropy():
+    zs, zt = logits(10, 3, seed=7), logits(10, 3, seed=8, scale=4.0)
+    y = torch.tensor([0, 3, 1, 3, 2, 3, 3, 0, 1, 3])  # 3 = not selected
+    want = _consistent_loss_by_hand(zs, zt, y, 5.0, 0.8, 1.3)
+    got = R.open_set_loss(zs, zt, y, 5.0, 0.8, 1.3, "exact", 10, "consistent")
+    assert_close(got, want, rtol=1e-12, atol=1e-12, name="consistent loss")
+
+
+@pytest.mark.parametrize("formulation", ["paper", "consistent"])
+@pytest.mark.parametrize("method", ["exact", "bregman"])
+def test_closed_form_loss_gradient_matches_finite_differences(formulation, method):
+    """The torch backend's fused forward (closed form, no autograd) against central differences
+    of the reference loss, float64; rows without labels (-1) included."""
+    k = 4 if formulation == "paper" else 3
+    zs, zt = logits(7, k, seed=9), logits(7, k, seed=10, scale=4.0)
+    y = torch.tensor([0, k - 1, 1, -1, 2, k - 1, -1])
+    if formulation == "consistent":
+        y[[1, 5]] = k  # "not selected"
+
+    def f(z):
+        return R.open_set_loss(z, zt, y, 3.2, 0.7, 1.5, method, 5, formulation)
+    loss, grad = R.loss_and_grad(zs, zt, y, 3.2, 0.7, 1.5, method, 5, formulation)
+    assert_close(loss, f(zs), rtol=1e-13, atol=1e-13, name="loss")
+    assert_close(grad, central_difference(f, zs), rtol=1e-6, atol=1e-8, name="gradient")
+
+
+def test_saturated_unselected_row_is_floored_not_infinite():
+    """Consistent formulation: an unselected sample whose row saturates (mass 1) gets the floored
+    loss -log(NOT_SELECTED_FLOOR) and no gradient through its mass, instead of +inf / NaN."""
+    zs = torch.tensor([[9.0, 0.0], [0.0, 0.0], [-1.0, -2.0]], dtype=torch.float64)
+    y = torch.tensor([2, 0, 1])  # row 0 is "not selected" yet the heaviest row
+    log_p, rho, sat = R.log_coupling(zs, 2.0, 1.0)
+    assert bool(sat[0])
+    loss, grad = R.loss_and_grad(zs, zs, y, 2.0, 1.0, 0.0, "exact", 10, "consistent")
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    assert loss.item() >= -math.log(R.NOT_SELECTED_FLOOR) / 3
 
 
 hypothesis = pytest.importorskip("hypothesis")
