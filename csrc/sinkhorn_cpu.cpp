@@ -929,9 +929,22 @@ template <typename T> void run_blocked(Problem<T>& P, const at::Tensor& cost) {
 }
 
 // Rows with non-finite inputs: NaN loss, error and potentials whatever the arithmetic produced.
+// Rows with non-finite inputs: NaN loss and error whatever the arithmetic produced. Rows without
+// mass (a and b all zero): the only plan is T = 0, loss and error 0, potentials -inf, stopped at
+// the first check (as the reference, whose error there is 0).
 template <typename T> void poison_bad_rows(const Problem<T>& P) {
-  const T nan = std::numeric_limits<T>::quiet_NaN();
+  const T nan = std::numeric_limits<T>::quiet_NaN(), ninf = -std::numeric_limits<T>::infinity();
+  const auto zero = [](T x) { return x == T(0); };
   for (int64_t r = 0; r < P.B; ++r) {
+    if (!P.bad[r] && std::all_of(P.a + r * P.m, P.a + (r + 1) * P.m, zero) &&
+        std::all_of(P.b + r * P.n, P.b + (r + 1) * P.n, zero)) {
+      P.loss[r] = 0;
+      P.err[r] = 0;
+      P.iters[r] = static_cast<int32_t>(P.use_tol ? std::min(P.check_every, P.n_iters)
+                                                  : P.n_iters);
+      std::fill(P.alpha + r * P.m, P.alpha + (r + 1) * P.m, ninf);
+      std::fill(P.beta + r * P.n, P.beta + (r + 1) * P.n, ninf);
+    }
     if (!P.bad[r]) continue;
     P.loss[r] = nan;
     P.err[r] = nan;
@@ -1029,11 +1042,13 @@ void envelope_grad(const T* pot, const T* p, int64_t B, int64_t k, T tau, T* out
       const T* pr = p + r * k;
       const T* phr = pot + r * k;
       T* o = out + r * k;
+      // zero probabilities take and give nothing; a NaN one (a NaN or inf logit) makes the
+      // whole row's gradient NaN, as in the reference
       double mean = 0.0;
       for (int64_t i = 0; i < k; ++i)
-        if (pr[i] > 0) mean += static_cast<double>(phr[i]) * pr[i];
+        if (pr[i] != T(0)) mean += static_cast<double>(phr[i]) * pr[i];
       const T mu = static_cast<T>(mean);
-      for (int64_t i = 0; i < k; ++i) o[i] = pr[i] > 0 ? (phr[i] - mu) * pr[i] / tau : T(0);
+      for (int64_t i = 0; i < k; ++i) o[i] = pr[i] == T(0) ? T(0) : (phr[i] - mu) * pr[i] / tau;
     }
   });
 }

@@ -45,15 +45,39 @@ def check_positive(name: str, value) -> float:
     if not _is_real(value):
         raise ValueError(f"{name} must be a positive number, got {value!r}")
     value = float(value)
-    if not math.isfinite(value) or value <= 0:
+    # comparisons, not math.isfinite: they also trace when torch.compile(dynamic=True) makes the
+    # number symbolic (NaN fails them too)
+    if not 0 < value < math.inf:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return value
+
+
+def representable_range(dtype: torch.dtype) -> tuple[float, float]:
+    """``[sqrt(tiny), sqrt(max)]`` of ``dtype`` (float32: about [1.1e-19, 1.8e19]; float64: about
+    [1.5e-154, 1.3e154]): a scale such as eps or tau in this range, its reciprocal and its
+    product or quotient with any number of magnitude at most ``sqrt(max)`` are finite normal
+    numbers, which is what the solvers form (``M / eps``, ``eps log a``, ``z / tau``)."""
+    fi = torch.finfo(dtype)
+    return math.sqrt(fi.tiny), math.sqrt(fi.max)
+
+
+def check_representable(name: str, value, dtype: torch.dtype) -> float:
+    """A positive number inside :func:`representable_range` of the compute dtype ``dtype``:
+    outside it (eps = 1e-45 or 1e300, say) finite inputs would give NaN or infinite losses."""
+    value = check_positive(name, value)
+    lo, hi = representable_range(dtype)
+    if not lo <= value <= hi:
+        dt = str(dtype).replace("torch.", "")
+        raise ValueError(f"{name} must lie in [{lo:.3g}, {hi:.3g}] for {dt} computation (what "
+                         f"{name}, 1/{name} and the scaled costs or logits can represent), got "
+                         f"{value!r}")
     return value
 
 
 def check_nonnegative(name: str, value) -> float:
     if _symbolic_while_traced():
         return value
-    if not _is_real(value) or not math.isfinite(float(value)) or value < 0:
+    if not _is_real(value) or not 0 <= float(value) < math.inf:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
 
@@ -70,10 +94,13 @@ def check_optional_positive(name: str, value):
 
 def check_same_device(**tensors: torch.Tensor) -> torch.device:
     items = [(n, t) for n, t in tensors.items() if t is not None]
-    dev = items[0][1].device
-    for n, t in items[1:]:
+    devices = [t.device for _, t in items]
+    # the message names a tensor off the device most of them share (the first one's on a tie)
+    dev = max(devices, key=lambda d: (devices.count(d), -devices.index(d)))
+    ref_name = next(n for n, t in items if t.device == dev)
+    for n, t in items:
         if t.device != dev:
-            raise ValueError(f"{n} is on {t.device} but {items[0][0]} is on {dev}; "
+            raise ValueError(f"{n} is on {t.device} but {ref_name} is on {dev}; "
                              f"all tensors must be on the same device")
     return dev
 

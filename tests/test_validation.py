@@ -32,8 +32,16 @@ SINKHORN_CASES = [
     ("backend", dict(backend="gpu")),
     ("a must be non-negative", dict(a=a - 0.5)),
     ("b must be non-negative", dict(b=-b)),
-    ("same mass", dict(b=2 * b)),
+    ("b must carry the same mass", dict(b=2 * b)),
     ("eps_scaling", dict(eps_scaling=1.5)),
+    ("eps", dict(eps=1e-45)),          # 0 in float32
+    ("eps", dict(eps=1e-20)),          # below sqrt(tiny) of float32
+    ("eps", dict(eps=1e300)),          # inf in float32
+    ("eps", dict(eps=1e20)),           # above sqrt(max) of float32
+    ("eps", dict(a=a.double(), b=b.double(), cost=M.double(), eps=1e-160)),
+    ("eps", dict(a=a.double(), b=b.double(), cost=M.double(), eps=1e300)),
+    ("grad", dict(grad="implicit")),
+    ("scaling_iters", dict(eps_scaling=0.5, scaling_iters=0)),
 ]
 
 
@@ -42,8 +50,24 @@ def test_sinkhorn_bad_input(name, kw):
     args = dict(a=a, b=b, cost=M)
     args.update({k: v for k, v in kw.items() if k in args})
     opts = {k: v for k, v in kw.items() if k not in args}
-    with pytest.raises(ValueError, match=name):
+    # the message starts with the argument's name
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         sk.sinkhorn(args["a"], args["b"], args["cost"], **opts)
+
+
+@pytest.mark.parametrize("dtype,eps", [(torch.float32, 1.1e-19), (torch.float32, 1.8e19),
+                                       (torch.float64, 1e-45), (torch.float64, 1e150)])
+def test_eps_at_the_edges_of_the_range_gives_finite_loss(dtype, eps):
+    r = sk.sinkhorn(a.to(dtype), b.to(dtype), M.to(dtype), eps=eps, n_iters=20)
+    assert torch.isfinite(r.loss).all() and torch.isfinite(r.err).all()
+
+
+@pytest.mark.parametrize("tau", [1.1e-19, 1.8e19])
+def test_tau_at_the_edges_of_the_range_gives_finite_loss(tau):
+    zs_ = zs.clone().requires_grad_(True)
+    loss = sk.sinkhorn_kd_loss(zs_, zt, M, tau=tau, n_iters=20)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(zs_.grad).all()
 
 
 KD_CASES = [
@@ -57,6 +81,13 @@ KD_CASES = [
     ("reduction", dict(reduction="avg")),
     ("grad", dict(grad="autograd")),
     ("cost", dict(cost=M.to("meta"))),
+    ("tau", dict(tau=1e-45)),
+    ("tau", dict(tau=1e300)),
+    ("eps", dict(eps=1e300)),
+    ("tau", dict(student_logits=zs.double(), teacher_logits=zt.double(), cost=M.double(),
+                 tau=1e300)),
+    ("method", dict(method="fast")),
+    ("backend", dict(backend="bogus")),
 ]
 
 
@@ -65,7 +96,7 @@ def test_kd_loss_bad_input(name, kw):
     args = dict(student_logits=zs, teacher_logits=zt, cost=M)
     args.update({k: v for k, v in kw.items() if k in args})
     opts = {k: v for k, v in kw.items() if k not in args}
-    with pytest.raises(ValueError, match=name):
+    with pytest.raises(ValueError, match=rf"^{name}\b"):
         sk.sinkhorn_kd_loss(args["student_logits"], args["teacher_logits"], args["cost"], **opts)
 
 
@@ -83,6 +114,30 @@ def test_module_bad_input():
         crit(zs, zt, torch.rand(3))
     with pytest.raises(ValueError, match="student_logits"):
         crit(zs[:, :3], zt)
+    with pytest.raises(ValueError, match=r"^target must lie in \[0, 5\)"):
+        crit(zs, zt, torch.tensor([0, 1, 5]))      # IndexError in cross_entropy before
+    with pytest.raises(ValueError, match=r"^target must lie in"):
+        crit(zs, zt, torch.tensor([0, -1, 2]))
+    assert torch.isfinite(crit(zs, zt, torch.tensor([0, 1, 4], dtype=torch.int8)))
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: sk.SinkhornKDLoss(M, **kw),
+    lambda **kw: sk.MultiTeacherSinkhornKDLoss([M], weights=[1.0], **kw),
+    lambda **kw: sk.SelKDLoss([0, 2], **kw),
+    lambda **kw: sk.SelKDLoss([0, 2], open_set=True, **kw),
+], ids=["kd", "multi_teacher", "selkd_closed", "selkd_open"])
+def test_module_constructors_reject_unknown_backend(make):
+    with pytest.raises(ValueError, match="^backend must be one of"):
+        make(backend="bogus")
+    make(backend="torch")
+
+
+@pytest.mark.parametrize("name,value", [("tau", 1e-200), ("tau", 1e300), ("eps", 0.0),
+                                        ("eps", 1e300)])
+def test_module_constructors_check_the_range(name, value):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        sk.SinkhornKDLoss(M, **{name: value})
 
 
 def test_cost_builders_bad_input():

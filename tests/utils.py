@@ -120,6 +120,37 @@ def central_difference(f, x: torch.Tensor, h: float = 1e-6) -> torch.Tensor:
     return g
 
 
+def random_coordinates(x: torch.Tensor, k: int, *, seed: int = 0) -> torch.Tensor:
+    """``k`` flat indices of ``x`` drawn without replacement with a fixed seed (all of them when
+    ``x`` has at most ``k`` entries): finite differences on a few coordinates chosen at random
+    test a gradient almost as well as on all of them, at a fraction of the solves."""
+    n = x.numel()
+    if n <= k:
+        return torch.arange(n)
+    return torch.randperm(n, generator=generator(seed))[:k]
+
+
+def central_difference_at(f, x: torch.Tensor, coords: torch.Tensor, h: float = 1e-6
+                          ) -> torch.Tensor:
+    """Partial derivatives of the scalar ``f(x)`` at the flat indices ``coords`` by central
+    differences (float64)."""
+    flat = x.detach().clone().flatten()
+    out = torch.zeros(len(coords), dtype=torch.float64)
+    for k, i in enumerate(coords.tolist()):
+        e = torch.zeros_like(flat)
+        e[i] = h
+        out[k] = (float(f((flat + e).view_as(x))) - float(f((flat - e).view_as(x)))) / (2 * h)
+    return out
+
+
+def directional_difference(f, x: torch.Tensor, v: torch.Tensor, h: float = 1e-6):
+    """``(f(x + h v) - f(x - h v)) / 2h``: the derivative of ``f`` along ``v`` (``f`` may return
+    a scalar or a tensor, e.g. a gradient for a Hessian-vector product)."""
+    x = x.detach()
+    hi, lo = f(x + h * v), f(x - h * v)
+    return (hi - lo) / (2 * h)
+
+
 def require_backend(registry, name: str, device="cpu"):
     """The backend object, or skip the test with the reason it is unavailable here."""
     reason = registry.unavailable_reason(name)

@@ -195,7 +195,7 @@ class _CompiledReferenceBackend:
 
 def _prepare_compiled(op: str):
     def prepare(w: Workload, inp, ctx: Context) -> Prepared:
-        from ..losses.sinkhorn_kd import SinkhornKDFunction
+        from ..losses.sinkhorn_kd import kd_rows
 
         method = _method_for(w, inp)
         note = f"method={method}; backend={ctx.compile_backend}"
@@ -213,8 +213,8 @@ def _prepare_compiled(op: str):
         zs, zt = _kd_leaves(inp)
 
         def loss_fn():
-            rows, _, _ = SinkhornKDFunction.apply(zs, zt, inp.cost, be, w.tau, w.eps, w.n_iters,
-                                                  None, 10, method)
+            rows, _, _ = kd_rows(zs, zt, inp.cost, be, w.tau, w.eps, w.n_iters, None, 10,
+                                 method)
             return rows.mean()
         return Prepared(_kd_fn(loss_fn, zs, op == "kd-forward-backward"), _scalar, note)
     return prepare

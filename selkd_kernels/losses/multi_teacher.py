@@ -16,6 +16,7 @@ default 0.1 separates them clearly without discarding the runner-up entirely.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -37,14 +38,16 @@ def assessment_weights(scores, temperature: float = 0.1) -> torch.Tensor:
     return torch.softmax(-s / temperature, dim=0)
 
 
-def _check_weights(weights, h):
+def _check_weights(weights, h) -> list:
+    """The per-teacher weights as Python floats (a traced graph takes them as constants)."""
     w = torch.as_tensor(weights, dtype=torch.float64).detach()
     if w.dim() != 1 or w.numel() != h:
         raise ValueError(f"weights must hold one entry per teacher ({h}), got shape "
                          f"{tuple(w.shape)}")
-    if not bool(torch.isfinite(w).all()) or bool((w < 0).any()):
+    out = w.tolist()
+    if not all(0 <= x < math.inf for x in out):
         raise ValueError("weights must be finite and non-negative")
-    return w
+    return out
 
 
 def multi_teacher_sinkhorn_kd_loss(student_logits: torch.Tensor,
@@ -68,15 +71,22 @@ def multi_teacher_sinkhorn_kd_loss(student_logits: torch.Tensor,
     if not isinstance(costs, (list, tuple)) or len(costs) != len(teacher_logits):
         raise ValueError(f"costs must be a list with one cost per teacher "
                          f"({len(teacher_logits)})")
-    w = _check_weights(weights, len(teacher_logits))
+    # a module passes its validated weights as floats; other values are checked (one read)
+    w = list(weights) if _as_floats(weights, len(teacher_logits)) else \
+        _check_weights(weights, len(teacher_logits))
     total = student_logits.new_zeros(())
     for h, (z_t, m) in enumerate(zip(teacher_logits, costs)):
-        if float(w[h]) == 0.0:
+        if w[h] == 0.0:
             continue
         s = sinkhorn_kd_loss(student_logits, z_t, m, tau=tau, eps=eps, n_iters=n_iters, tol=tol,
                              reduction="mean", backend=backend)
-        total = total + float(w[h]) * s
+        total = total + w[h] * s
     return total
+
+
+def _as_floats(weights, h) -> bool:
+    return isinstance(weights, tuple) and len(weights) == h and all(
+        type(x) is float and 0 <= x < math.inf for x in weights)
 
 
 class MultiTeacherSinkhornKDLoss(torch.nn.Module):
@@ -118,13 +128,22 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
             w = assessment_weights(scores, temperature)
         else:
             w = _check_weights(weights, self.num_teachers)
-        self.register_buffer("teacher_weights", w.to(torch.float32))
-        self.tau = V.check_positive("tau", tau)
-        self.eps = V.check_positive("eps", eps)
+        self.register_buffer("teacher_weights", torch.as_tensor(w, dtype=torch.float64).float())
+        self._weights = tuple(float(x) for x in self.teacher_weights.tolist())
+        # the widest compute dtype here; each call checks again against its own
+        self.tau = V.check_representable("tau", tau, torch.float64)
+        self.eps = V.check_representable("eps", eps, torch.float64)
         self.weight = V.check_nonnegative("weight", weight)
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.tol = V.check_optional_positive("tol", tol)
         self.backend = check_backend_name(backend)
+
+    def _current_weights(self) -> tuple:
+        # the buffer is what state_dict() saves and loads; traced code cannot read its values
+        # and uses the floats taken when it was last read eagerly
+        if not torch.compiler.is_compiling():
+            self._weights = tuple(float(x) for x in self.teacher_weights.tolist())
+        return self._weights
 
     @property
     def costs(self):
@@ -135,7 +154,7 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
                 len(teacher_logits) != self.num_teachers:
             raise ValueError(f"teacher_logits must be a list of {self.num_teachers} tensors")
         loss = self.weight * multi_teacher_sinkhorn_kd_loss(
-            student_logits, teacher_logits, self.costs, self.teacher_weights, tau=self.tau,
+            student_logits, teacher_logits, self.costs, self._current_weights(), tau=self.tau,
             eps=self.eps, n_iters=self.n_iters, tol=self.tol, backend=self.backend)
         if target is not None:
             target = V.check_labels("target", target, n=student_logits.shape[0],

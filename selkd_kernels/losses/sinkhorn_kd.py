@@ -14,6 +14,14 @@ The backend's fused forward returns the loss together with the logit gradients; 
 scales them by the incoming gradient, so memory does not grow with the iteration count. With
 ``grad="unrolled"`` the reference iterations are differentiated by autograd instead (for comparison:
 exact for the truncated iteration, memory linear in ``n_iters``).
+
+Second derivatives. The envelope gradient is a number, not a formula autograd can differentiate
+again. A backward with ``create_graph=True`` (gradient penalties, Hessian-vector products)
+therefore recomputes the gradient by differentiating the torch reference's iterations, exactly as
+``grad="unrolled"`` does, whatever backend ran the forward: the first derivative is then the
+unrolled one (equal to the envelope gradient once the iteration has converged) and its own
+derivative is exact for the truncated iteration, so the second-order part is never silently
+dropped. Memory of that backward grows with the iterations run.
 """
 from __future__ import annotations
 
@@ -31,50 +39,77 @@ _REDUCTIONS = {"mean", "sum", "none"}
 
 
 class SinkhornKDFunction(torch.autograd.Function):
-    """Loss rows from the backend's fused forward; backward scales the stored envelope gradients."""
+    """Loss rows whose backward scales the envelope gradients of a fused forward that already ran
+    (or, with ``create_graph=True``, differentiates the unrolled reference: module docs).
+
+    The backend runs outside this function (:func:`kd_rows`): a compiled op called inside an
+    autograd.Function's forward is traced as a subgraph, and ``torch.compile(dynamic=True)`` of
+    two such calls on one student (multi-teacher) failed inside Dynamo (torch 2.13)."""
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, cost, backend, tau, eps, n_iters, tol,
-                check_every, method):
-        want_teacher = ctx.needs_input_grad[1]
-        want_cost = ctx.needs_input_grad[2]
-        out = backend.kd_forward(student_logits, teacher_logits, cost, tau=tau, eps=eps,
-                                 n_iters=n_iters, tol=tol, check_every=check_every,
-                                 teacher_grad=want_teacher, method=method)
-        ctx.eps = eps
-        ctx.shared_cost = cost.dim() == 2
+    def forward(ctx, student_logits, teacher_logits, cost, loss, grad_student, grad_teacher,
+                alpha, beta, options):
+        ctx.options = options
         ctx.dtypes = (student_logits.dtype, teacher_logits.dtype, cost.dtype)
-        saved = [out.grad_student,
-                 out.grad_teacher if want_teacher else None,
-                 out.alpha if want_cost else None,
-                 out.beta if want_cost else None,
-                 cost if want_cost else None]
-        ctx.save_for_backward(*saved)
-        ctx.mark_non_differentiable(out.iters, out.err)
-        return out.loss, out.iters, out.err
+        ctx.save_for_backward(student_logits, teacher_logits, cost, grad_student, grad_teacher,
+                              alpha, beta)
+        return loss.clone()
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_iters, _grad_err):
-        g_s, g_t, alpha, beta, cost = ctx.saved_tensors
+    def backward(ctx, grad_loss):
+        z_s, z_t, cost, g_s, g_t, alpha, beta = ctx.saved_tensors
+        none = (None,) * 6
+        if torch.is_grad_enabled():  # create_graph=True: the gradient needs a graph of its own
+            grads = _ref.unrolled_gradients(lambda s, t, c: _unrolled_solve(s, t, c, **ctx.options),
+                                    (z_s, z_t, cost), ctx.needs_input_grad[:3], grad_loss)
+            return (*grads,) + none
         w = grad_loss.to(g_s.dtype)  # (B,) per-row weights
         grad_student = (g_s * w.unsqueeze(-1)).to(ctx.dtypes[0])
         grad_teacher = None if g_t is None else (g_t * w.unsqueeze(-1)).to(ctx.dtypes[1])
         grad_cost = None
-        if cost is not None:
-            c = cost.to(alpha.dtype)
-            if ctx.shared_cost:
-                grad_cost = _ref.plan_weighted_sum(alpha, beta, c, ctx.eps, w)
-            else:
-                grad_cost = _ref.transport_plan(alpha, beta, c, ctx.eps) * w[:, None, None]
-            grad_cost = grad_cost.to(ctx.dtypes[2])
-        return (grad_student, grad_teacher, grad_cost) + (None,) * 7
+        if alpha is not None:
+            grad_cost = _ref.cost_gradient(alpha, beta, cost.to(alpha.dtype), ctx.options["eps"],
+                                           w).to(ctx.dtypes[2])
+        return (grad_student, grad_teacher, grad_cost) + none
+
+
+def kd_rows(student_logits, teacher_logits, cost, backend, tau, eps, n_iters, tol, check_every,
+            method):
+    """Per-row KD losses from ``backend``'s fused forward, differentiable by the envelope
+    gradients; returns ``(rows, iters, err)``. Inputs validated by the caller."""
+    grad = torch.is_grad_enabled()
+    want_teacher = grad and teacher_logits.requires_grad
+    want_cost = grad and cost.requires_grad
+    with torch.no_grad():
+        out = backend.kd_forward(student_logits.detach(), teacher_logits.detach(), cost.detach(),
+                                 tau=tau, eps=eps, n_iters=n_iters, tol=tol,
+                                 check_every=check_every, teacher_grad=want_teacher,
+                                 method=method)
+    options = dict(tau=tau, eps=eps, n_iters=n_iters, tol=tol, check_every=check_every,
+                   method=method)
+    rows = SinkhornKDFunction.apply(student_logits, teacher_logits, cost, out.loss,
+                                    out.grad_student, out.grad_teacher if want_teacher else None,
+                                    out.alpha if want_cost else None,
+                                    out.beta if want_cost else None, options)
+    return rows, out.iters, out.err
+
+
+def _unrolled_solve(student_logits, teacher_logits, cost, *, tau, eps, n_iters, tol, check_every,
+                    method):
+    """The torch reference on the KD problem, differentiable by autograd (``grad="unrolled"``)."""
+    cd = V.compute_dtype(student_logits, teacher_logits, cost)
+    p_t = torch.softmax(teacher_logits.to(cd) / tau, dim=-1)
+    p_s = torch.softmax(student_logits.to(cd) / tau, dim=-1)
+    return _ref.solve(p_t, p_s, cost.to(cd), eps=eps, n_iters=n_iters, tol=tol,
+                      check_every=check_every, method=method)
 
 
 def validate_kd_inputs(student_logits, teacher_logits, cost, tau, eps, n_iters, tol, check_every,
                        reduction):
     V.check_ot_shapes(teacher_logits, student_logits, cost, a_name="teacher_logits",
                       b_name="student_logits", cost_name="cost")
-    return (V.check_positive("tau", tau), V.check_positive("eps", eps),
+    cd = V.compute_dtype(student_logits, teacher_logits, cost)
+    return (V.check_representable("tau", tau, cd), V.check_representable("eps", eps, cd),
             V.check_positive_int("n_iters", n_iters), V.check_optional_positive("tol", tol),
             V.check_positive_int("check_every", check_every),
             V.check_choice("reduction", reduction, _REDUCTIONS))
@@ -116,18 +151,15 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     V.check_choice("grad", grad, {"envelope", "unrolled"})
     V.check_choice("method", method, {"auto", "log", "standard"})
     if grad == "unrolled":
-        cd = V.compute_dtype(student_logits, teacher_logits, cost)
-        p_t = torch.softmax(teacher_logits.to(cd) / tau, dim=-1)
-        p_s = torch.softmax(student_logits.to(cd) / tau, dim=-1)
-        out = _ref.solve(p_t, p_s, cost.to(cd), eps=eps, n_iters=n_iters, tol=tol,
-                         check_every=check_every, method=method)
+        out = _unrolled_solve(student_logits, teacher_logits, cost, tau=tau, eps=eps,
+                              n_iters=n_iters, tol=tol, check_every=check_every, method=method)
         rows, iters, err = out.loss, out.iters, out.err.detach()
     else:
         be = get_backend(backend, student_logits.device,
                          describe(teacher_logits, student_logits, cost, method=method,
                                   n_iters=n_iters, kd=True))
-        rows, iters, err = SinkhornKDFunction.apply(student_logits, teacher_logits, cost, be, tau,
-                                                    eps, n_iters, tol, check_every, method)
+        rows, iters, err = kd_rows(student_logits, teacher_logits, cost, be, tau, eps, n_iters,
+                                   tol, check_every, method)
     loss = _reduce(rows, reduction).to(student_logits.dtype)
     return (loss, (iters, err)) if return_stats else loss
 
@@ -155,8 +187,9 @@ class SinkhornKDLoss(torch.nn.Module):
                  check_every: int = 10, backend: str = "auto", grad: str = "envelope"):
         super().__init__()
         V.check_tensor("cost", cost, (2,))
-        self.tau = V.check_positive("tau", tau)
-        self.eps = V.check_positive("eps", eps)
+        # the widest compute dtype here; each call checks again against its own
+        self.tau = V.check_representable("tau", tau, torch.float64)
+        self.eps = V.check_representable("eps", eps, torch.float64)
         self.weight = V.check_nonnegative("weight", weight)
         self.n_iters = V.check_positive_int("n_iters", n_iters)
         self.tol = V.check_optional_positive("tol", tol)

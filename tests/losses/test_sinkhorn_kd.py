@@ -1,4 +1,5 @@
-"""Sinkhorn KD loss: values, envelope gradients (docs/ops/sinkhorn.md) and the nn.Module (docs/losses.md)."""
+"""Sinkhorn KD loss: values, envelope gradients (docs/ops/sinkhorn.md), second derivatives, and
+the nn.Module (docs/losses.md)."""
 import warnings
 
 import pytest
@@ -6,6 +7,10 @@ import torch
 import torch.nn.functional as F
 
 import selkd_kernels as sk
+from selkd_kernels.ops.sinkhorn.dispatch import REGISTRY
+from tests.utils import (assert_close, central_difference_at, cost, directional_difference,
+                         logits, random_coordinates, require_backend)
+
 
 @pytest.fixture(autouse=True)
 def _reference_backend(monkeypatch):
@@ -18,53 +23,36 @@ warnings.filterwarnings("ignore", message="selkd_kernels: backend")
 CONVERGED = dict(n_iters=20000, tol=1e-14, backend="torch")
 
 
-def _logits(B, C_T, C_S, dtype=torch.float64, seed=0, scale=2.0):
-    g = torch.Generator().manual_seed(seed)
-    zs = scale * torch.randn(B, C_S, generator=g, dtype=torch.float64)
-    zt = scale * torch.randn(B, C_T, generator=g, dtype=torch.float64)
-    M = torch.rand(C_T, C_S, generator=g, dtype=torch.float64)
-    return zs.to(dtype), zt.to(dtype), M.to(dtype)
-
-
-def _central_diff(f, x, h=1e-5):
-    g = torch.zeros_like(x)
-    flat, gf = x.view(-1), g.view(-1)
-    for i in range(flat.numel()):
-        old = flat[i].item()
-        flat[i] = old + h
-        fp = f().item()
-        flat[i] = old - h
-        fm = f().item()
-        flat[i] = old
-        gf[i] = (fp - fm) / (2 * h)
-    return g
+def _kd_problem(B, C_T, C_S, dtype=torch.float64, seed=0, scale=2.0):
+    """(student logits, teacher logits, cost) from the shared generators."""
+    return (logits(B, C_S, dtype, seed=seed, scale=scale),
+            logits(B, C_T, dtype, seed=seed + 1, scale=scale),
+            cost(C_T, C_S, dtype, seed=seed + 2))
 
 
 @pytest.mark.parametrize("B,C_T,C_S,tau,eps", [(1, 1, 3, 3.0, 0.1), (2, 5, 3, 3.0, 0.1),
                                                (2, 4, 7, 1.0, 0.5), (1, 6, 1, 1.0, 0.5)])
 def test_envelope_gradients_match_finite_differences(B, C_T, C_S, tau, eps):
-    zs, zt, M = _logits(B, C_T, C_S)
-    zs.requires_grad_(True)
-    zt.requires_grad_(True)
-    M.requires_grad_(True)
-    loss = sk.sinkhorn_kd_loss(zs, zt, M, tau=tau, eps=eps, reduction="sum", **CONVERGED)
-    loss.backward()
-
-    def f():
-        with torch.no_grad():
-            return sk.sinkhorn_kd_loss(zs, zt, M, tau=tau, eps=eps, reduction="sum", **CONVERGED)
-
-    for x in (zs, zt, M):
-        fd = _central_diff(f, x.data)
-        assert (x.grad - fd).abs().max() < 1e-6, (x.grad, fd)
+    # converged solves (tol 1e-14, early exit) and central differences on at most 6 coordinates
+    # per input, drawn with a fixed seed: the shapes cover 1 class, B = 1 and odd sizes
+    zs, zt, M = _kd_problem(B, C_T, C_S)
+    xs = [t.clone().requires_grad_(True) for t in (zs, zt, M)]
+    sk.sinkhorn_kd_loss(*xs, tau=tau, eps=eps, reduction="sum", **CONVERGED).backward()
+    for k, (x, var) in enumerate(zip(xs, (zs, zt, M))):
+        def f(v, k=k):
+            args = [v if j == k else t for j, t in enumerate((zs, zt, M))]
+            return sk.sinkhorn_kd_loss(*args, tau=tau, eps=eps, reduction="sum", **CONVERGED)
+        idx = random_coordinates(var, 6, seed=k)
+        fd = central_difference_at(f, var, idx, h=1e-5)
+        assert_close(x.grad.flatten()[idx], fd, atol=1e-8, name=f"input {k}")
 
 
 def test_envelope_matches_unrolled_gradient_at_convergence():
-    zs, zt, M = _logits(3, 5, 4)
+    zs, zt, M = _kd_problem(3, 5, 4)
     grads = {}
-    for mode, n in (("envelope", 3000), ("unrolled", 3000)):
+    for mode in ("envelope", "unrolled"):
         s, t, c = (x.clone().requires_grad_(True) for x in (zs, zt, M))
-        sk.sinkhorn_kd_loss(s, t, c, eps=0.2, n_iters=n, grad=mode, backend="torch").backward()
+        sk.sinkhorn_kd_loss(s, t, c, eps=0.2, grad=mode, **CONVERGED).backward()
         grads[mode] = (s.grad, t.grad, c.grad)
     for ge, gu in zip(grads["envelope"], grads["unrolled"]):
         torch.testing.assert_close(ge, gu, rtol=1e-8, atol=1e-10)
@@ -72,7 +60,7 @@ def test_envelope_matches_unrolled_gradient_at_convergence():
 
 def test_unrolled_differs_before_convergence():
     # a test that could not fail would be worthless: with 2 iterations the two gradients differ
-    zs, zt, M = _logits(2, 5, 4)
+    zs, zt, M = _kd_problem(2, 5, 4)
     out = []
     for mode in ("envelope", "unrolled"):
         s = zs.clone().requires_grad_(True)
@@ -82,7 +70,7 @@ def test_unrolled_differs_before_convergence():
 
 
 def test_loss_equals_sinkhorn_of_softmaxes():
-    zs, zt, M = _logits(4, 6, 5)
+    zs, zt, M = _kd_problem(4, 6, 5)
     rows = sk.sinkhorn_kd_loss(zs, zt, M, tau=2.0, eps=0.1, n_iters=77, reduction="none")
     r = sk.sinkhorn(torch.softmax(zt / 2, -1), torch.softmax(zs / 2, -1), M, eps=0.1, n_iters=77)
     torch.testing.assert_close(rows, r.loss)
@@ -94,7 +82,7 @@ def test_loss_equals_sinkhorn_of_softmaxes():
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_grad_output_scales_gradients(reduction):
-    zs, zt, M = _logits(5, 4, 6)
+    zs, zt, M = _kd_problem(5, 4, 6)
     w = torch.randn(5, dtype=torch.float64) if reduction == "none" else torch.tensor(3.7,
                                                                                  dtype=torch.float64)
     g = []
@@ -115,15 +103,15 @@ def test_grad_output_scales_gradients(reduction):
 
 
 def test_teacher_is_frozen_unless_asked():
-    zs, zt, M = _logits(3, 4, 5)
+    zs, zt, M = _kd_problem(3, 4, 5)
     s = zs.clone().requires_grad_(True)
     sk.sinkhorn_kd_loss(s, zt, M).backward()
     assert zt.grad is None and M.grad is None and s.grad is not None
 
 
 def test_per_row_cost_gradient():
-    zs, zt, _ = _logits(3, 4, 5)
-    M = torch.rand(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    zs, zt, _ = _kd_problem(3, 4, 5)
+    M = cost(4, 5, batch=3).requires_grad_(True)
     loss = sk.sinkhorn_kd_loss(zs, zt, M, n_iters=40, reduction="sum")
     loss.backward()
     r = sk.sinkhorn(torch.softmax(zt / 3, -1), torch.softmax(zs / 3, -1), M.detach(), eps=0.1,
@@ -133,7 +121,7 @@ def test_per_row_cost_gradient():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_lower_precision_logits(dtype):
-    zs, zt, M = _logits(4, 6, 5, dtype=dtype)
+    zs, zt, M = _kd_problem(4, 6, 5, dtype=dtype)
     s = zs.clone().requires_grad_(True)
     loss = sk.sinkhorn_kd_loss(s, zt, M, n_iters=60)
     loss.backward()
@@ -143,26 +131,87 @@ def test_lower_precision_logits(dtype):
     assert abs(loss.double().item() - ref.item()) <= tol * max(1.0, abs(ref.item()))
 
 
-def test_nan_logits_never_give_finite_loss():
-    zs, zt, M = _logits(3, 4, 5)
+def test_nan_logits_never_give_finite_loss_or_gradient():
+    zs, zt, M = _kd_problem(3, 4, 5)
     zs[1, 2] = float("nan")
     s = zs.clone().requires_grad_(True)
     loss = sk.sinkhorn_kd_loss(s, zt, M)
     assert torch.isnan(loss)
+    loss.backward()
+    assert torch.isnan(s.grad[1]).all() and torch.isfinite(s.grad[[0, 2]]).all()
     zt2 = zt.clone()
     zt2[0, 0] = float("inf")
     assert torch.isnan(sk.sinkhorn_kd_loss(zs.nan_to_num(0.0), zt2, M))
 
 
 def test_return_stats():
-    zs, zt, M = _logits(3, 4, 5)
+    zs, zt, M = _kd_problem(3, 4, 5)
     loss, (iters, err) = sk.sinkhorn_kd_loss(zs, zt, M, n_iters=500, tol=1e-8, return_stats=True)
     assert iters.shape == (3,) and (iters <= 500).all() and (err <= 1e-8).all()
 
 
+# ---- second derivatives (create_graph=True) ----------------------------------------------------
+
+def _penalty(zs, zt, M, **kw):
+    """A gradient penalty ||dL/dz_S||^2 and its gradient w.r.t. the student logits."""
+    s = zs.clone().requires_grad_(True)
+    g, = torch.autograd.grad(sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, **kw), s, create_graph=True)
+    pen = (g ** 2).sum()
+    return pen, torch.autograd.grad(pen, s)[0]
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_gradient_penalty_keeps_its_kd_term(backend):
+    # the issue: the envelope gradient had no graph, so this penalty's gradient came out ~0
+    if backend != "torch":
+        require_backend(REGISTRY, backend)
+    zs, zt, M = _kd_problem(3, 5, 4)
+    opts = dict(CONVERGED, backend=backend)
+    pen, grad = _penalty(zs, zt, M, **opts)
+    pen_u, grad_u = _penalty(zs, zt, M, grad="unrolled", **dict(opts, backend="torch"))
+    assert grad.abs().max() > 1e-5, "the second-order term vanished"
+    assert_close(pen, pen_u, rtol=1e-10, name="penalty")
+    assert_close(grad, grad_u, rtol=1e-9, atol=1e-12, name="d penalty / d z_S")
+
+
+def test_hessian_vector_product_matches_finite_differences():
+    zs, zt, M = _kd_problem(2, 4, 5)
+    v = torch.randn(zs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+    def grad_s(z):
+        s = z.clone().requires_grad_(True)
+        return torch.autograd.grad(sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, **CONVERGED), s)[0]
+
+    s = zs.clone().requires_grad_(True)
+    g, = torch.autograd.grad(sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, **CONVERGED), s,
+                             create_graph=True)
+    hv, = torch.autograd.grad((g * v).sum(), s)
+    assert_close(g, grad_s(zs), atol=1e-12, name="first derivative")
+    assert_close(hv, directional_difference(grad_s, zs, v, h=1e-5), atol=1e-8, name="H v")
+
+
+def test_second_derivative_w_r_t_cost_and_teacher():
+    zs, zt, M = _kd_problem(2, 3, 4)
+    V = torch.randn(M.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+
+    def grad_c(c):
+        c = c.clone().requires_grad_(True)
+        return torch.autograd.grad(sk.sinkhorn_kd_loss(zs, zt, c, eps=0.3, **CONVERGED), c)[0]
+
+    t, c = zt.clone().requires_grad_(True), M.clone().requires_grad_(True)
+    gt, gc = torch.autograd.grad(sk.sinkhorn_kd_loss(zs, t, c, eps=0.3, **CONVERGED), (t, c),
+                                 create_graph=True)
+    assert gt.requires_grad and gc.requires_grad
+    hc, = torch.autograd.grad((gc * V).sum(), c)   # d<T, V>/dM: (dT/dM) V
+    assert hc.abs().max() > 1e-2
+    assert_close(hc, directional_difference(grad_c, M, V, h=1e-5), atol=1e-7, name="H_M V")
+
+
+# ---- the module ----------------------------------------------------------------------------------
+
 @pytest.mark.parametrize("with_target", [False, True])
 def test_module_matches_functional(with_target):
-    zs, zt, M = _logits(6, 4, 5)
+    zs, zt, M = _kd_problem(6, 4, 5)
     crit = sk.SinkhornKDLoss(M, tau=3.0, eps=0.1, weight=10.0, n_iters=60)
     y = torch.tensor([0, 1, 2, 3, 4, 0]) if with_target else None
     s = zs.clone().requires_grad_(True)
@@ -174,6 +223,33 @@ def test_module_matches_functional(with_target):
     loss.backward()
     assert s.grad is not None and crit.last_iters.shape == (6,)
     assert "C_T=4, C_S=5" in repr(crit)
+
+
+def test_module_with_unrolled_gradient():
+    zs, zt, M = _kd_problem(3, 4, 5)
+    grads = []
+    for mode in ("unrolled", "envelope"):
+        crit = sk.SinkhornKDLoss(M, eps=0.2, weight=2.0, n_iters=4, grad=mode, backend="torch")
+        s = zs.clone().requires_grad_(True)
+        crit(s, zt).backward()
+        grads.append(s.grad)
+    s = zs.clone().requires_grad_(True)
+    (2.0 * sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, n_iters=4, grad="unrolled")).backward()
+    torch.testing.assert_close(grads[0], s.grad)
+    # 4 iterations: far from converged, so the module really took the unrolled path
+    assert (grads[0] - grads[1]).abs().max() > 1e-6
+
+
+def test_module_targets():
+    zs, zt, M = _kd_problem(3, 4, 5)
+    crit = sk.SinkhornKDLoss(M, n_iters=20)
+    y = torch.tensor([0, 4, 2])
+    want = crit(zs, zt, y)
+    torch.testing.assert_close(crit(zs, zt, y.to(torch.int8)), want)   # any integer dtype
+    torch.testing.assert_close(crit(zs, zt, y.to(torch.uint8)), want)
+    for bad in ([0, 5, 2], [-1, 0, 0]):
+        with pytest.raises(ValueError, match=r"^target must lie in \[0, 5\)"):
+            crit(zs, zt, torch.tensor(bad))
 
 
 def test_module_trains_a_student():
