@@ -162,6 +162,8 @@ def sinkhorn(a: torch.Tensor, b: torch.Tensor, cost: torch.Tensor, *, eps: float
     Accumulation is in float32 (float64 for float64 inputs); half inputs are accepted.
 
     Example:
+        >>> import torch
+        >>> from selkd_kernels import sinkhorn
         >>> a = torch.full((2, 3), 1 / 3)
         >>> b = torch.full((2, 4), 1 / 4)
         >>> cost = torch.rand(3, 4, requires_grad=True)
@@ -243,6 +245,8 @@ def transport_plan(result: SinkhornResult, cost: torch.Tensor, eps: float) -> to
     """The (B, m, n) plan ``exp((alpha_i + beta_j - M_ij)/eps)`` of a :class:`SinkhornResult`.
 
     Example:
+        >>> import torch
+        >>> from selkd_kernels import sinkhorn, transport_plan
         >>> a, b = torch.full((1, 2), 0.5), torch.full((1, 2), 0.5)
         >>> M = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
         >>> T = transport_plan(sinkhorn(a, b, M, eps=0.1, n_iters=50), M, 0.1)
