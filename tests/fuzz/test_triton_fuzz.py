@@ -32,13 +32,10 @@ def _tiny(case):
     return case
 
 
-# Known difference (docs/guarantees.md): the Triton kernels write NaN loss and error for a row
-# with a NaN or inf input but leave its potentials as the arithmetic produced them, so the
-# potentials of such rows are not checked here; test_bad_row_potentials_are_nan pins it down.
 @budget(5)
 @given(case=ot_cases(max_b=2, max_k=4))
 def test_triton_solve_matches_the_float64_reference(case):
-    sf._check_backends(_tiny(case), bad_row_potentials=False)
+    sf._check_backends(_tiny(case))
 
 
 @budget(8)
@@ -61,4 +58,4 @@ def test_bad_row_potentials_are_nan():
 @budget(100)
 @given(case=ot_cases(max_b=3, max_k=17))
 def test_triton_solve_matches_the_float64_reference_long(case):
-    sf._check_backends(case, bad_row_potentials=False)
+    sf._check_backends(case)
