@@ -1,5 +1,5 @@
-"""Every public function and class documents an example, and every example written as a doctest
-(``>>>``) runs and prints what its docstring says."""
+"""Every example in a public docstring that is written as a doctest (``>>>``) runs and prints what
+the docstring says."""
 import doctest
 import inspect
 
@@ -23,7 +23,6 @@ PUBLIC = _public_objects()
 
 def test_public_api_is_not_empty():
     assert len(PUBLIC) > 30
-
 
 
 def _doctests():
