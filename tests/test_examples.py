@@ -51,3 +51,10 @@ def test_docstring_example_runs(test):
     runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
     result = runner.run(test, out=report.append)
     assert result.failed == 0, "".join(report)
+
+
+@pytest.mark.parametrize("name,obj", PUBLIC, ids=[n for n, _ in PUBLIC])
+def test_every_public_callable_has_an_example(name, obj):
+    # every public function and class shows its use in its own docstring
+    doc = inspect.getdoc(obj) or ""
+    assert "Example" in doc, f"sk.{name} has no Example section in its docstring"

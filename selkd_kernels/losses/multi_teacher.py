@@ -28,7 +28,14 @@ from .sinkhorn_kd import sinkhorn_kd_loss
 
 
 def assessment_weights(scores, temperature: float = 0.1) -> torch.Tensor:
-    """``softmax(-scores / temperature)``: per-teacher weights from lower-is-better scores."""
+    """``softmax(-scores / temperature)``: per-teacher weights from lower-is-better scores.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> w = sk.assessment_weights(torch.tensor([0.2, 0.3, 1.0]), temperature=0.1)
+        >>> [round(float(x), 3) for x in w]           # the lowest score weighs most
+        [0.731, 0.269, 0.0]
+    """
     s = torch.as_tensor(scores, dtype=torch.float64).detach()
     if s.dim() != 1 or s.numel() == 0:
         raise ValueError("scores must be a non-empty 1-D sequence, one per teacher")
@@ -65,6 +72,18 @@ def multi_teacher_sinkhorn_kd_loss(student_logits: torch.Tensor,
         weights: (H,) non-negative weights, e.g. :func:`assessment_weights`. A zero weight skips
             that teacher's solve.
         tau, eps, n_iters, tol, backend: as in :func:`selkd_kernels.sinkhorn_kd_loss`.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> student = torch.randn(4, 5, requires_grad=True)
+        >>> teachers = [torch.randn(4, 7), torch.randn(4, 3)]     # class counts differ
+        >>> costs = [sk.cost.euclidean_cost(torch.randn(c, 8), torch.randn(5, 8)) for c in (7, 3)]
+        >>> w = torch.tensor([0.75, 0.25])
+        >>> loss = sk.multi_teacher_sinkhorn_kd_loss(student, teachers, costs, w)
+        >>> loss.backward()
+        >>> parts = [sk.sinkhorn_kd_loss(student, t, c) for t, c in zip(teachers, costs)]
+        >>> bool(torch.allclose(loss, 0.75 * parts[0] + 0.25 * parts[1]))
+        True
     """
     if not isinstance(teacher_logits, (list, tuple)) or not teacher_logits:
         raise ValueError("teacher_logits must be a non-empty list, one tensor per teacher")
@@ -100,7 +119,20 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
         temperature: of the softmax over ``-scores``.
         tau, eps, weight, n_iters, tol, backend: as in :class:`selkd_kernels.SinkhornKDLoss`.
 
-    ``forward(student_logits, teacher_logits_list, target=None)``.
+    ``forward(student_logits, teacher_logits_list, target=None)``. The weights in use, given or
+    computed, are kept in the ``teacher_weights`` buffer.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> costs = [sk.cost.euclidean_cost(torch.randn(c, 8), torch.randn(5, 8)) for c in (7, 3)]
+        >>> kd = sk.MultiTeacherSinkhornKDLoss(costs, scores=torch.tensor([0.2, 0.9]))
+        >>> [round(float(w), 3) for w in kd.teacher_weights]  # softmax(-scores / temperature)
+        [0.999, 0.001]
+        >>> student = torch.randn(4, 5, requires_grad=True)
+        >>> loss = kd(student, [torch.randn(4, 7), torch.randn(4, 3)], torch.tensor([0, 1, 2, 4]))
+        >>> loss.backward()
+        >>> tuple(student.grad.shape)
+        (4, 5)
     """
 
     def __init__(self, costs: Sequence[torch.Tensor], scores=None, weights=None,

@@ -40,6 +40,15 @@ class SinkhornResult:
         err: (B,) row-marginal error ``||T 1 - a||_1`` of the final plan.
         plan: (B, m, n) transport plan, only when ``return_plan=True``.
         backend: name of the backend that ran.
+
+    Example:
+        >>> import torch, selkd_kernels as sk
+        >>> a, b = torch.full((2, 3), 1 / 3), torch.full((2, 4), 1 / 4)
+        >>> r = sk.sinkhorn(a, b, torch.rand(3, 4), eps=0.1, n_iters=500, tol=1e-8)
+        >>> tuple(r.loss.shape), tuple(r.alpha.shape), tuple(r.beta.shape)
+        ((2,), (2, 3), (2, 4))
+        >>> bool((r.err < 1e-6).all()), r.plan is None
+        (True, True)
     """
     loss: torch.Tensor
     alpha: torch.Tensor

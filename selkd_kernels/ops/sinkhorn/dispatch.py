@@ -91,7 +91,15 @@ def get_backend(name: str, device, problem: SinkhornProblem | None = None):
 
 
 def available_backends(device=None) -> list[str]:
-    """Sinkhorn backends that can run here (on ``device`` if given)."""
+    """Sinkhorn backends that can run here (on ``device`` if given).
+
+    Example:
+        >>> import selkd_kernels as sk
+        >>> "torch" in sk.available_backends()       # the reference runs everywhere
+        True
+        >>> "torch" in sk.available_backends("cpu")
+        True
+    """
     return REGISTRY.available(device)
 
 
