@@ -458,33 +458,48 @@ def open_set_records(dtypes, progress) -> tuple[list, str | None]:
     return records, None
 
 
+def _or_dash(fmt):
+    return lambda v: "-" if v is None else format(v, fmt)
+
+
+# (header, width, cell) per column; ">" right-aligns; a cell maps the record to its text
+_KERNEL_COLUMNS = (
+    ("workload", 13, lambda r: r["workload"]), ("op", 10, lambda r: r["op"]),
+    ("dtype", 7, lambda r: r["dtype"]), ("kernel", 21, lambda r: r["kernel"]),
+    ("act", 3, lambda r: "yes" if r["active"] else "no"),
+    ("warps", -5, lambda r: str(r["num_warps"])), ("regs", -4, lambda r: str(r["registers"] or 0)),
+    ("spill st/ld", -11, lambda r: f"{r['spill_store_bytes']}/{r['spill_load_bytes']}"),
+    ("smem", -6, lambda r: str(r["shared_bytes"])),
+    ("TC", 2, lambda r: "y" if r["tensor_core"] else "-"),
+    ("instr/entry", -11, lambda r: _or_dash(".2f")(r["instructions_per_entry"])),
+    ("est. us", -9, lambda r: _or_dash(".1f")(r["estimated_us"])))
+_CALL_COLUMNS = (
+    ("workload", 13, lambda s: s["workload"]), ("op", 5, lambda s: s["op"]),
+    ("dtype", 7, lambda s: s["dtype"]), ("domain", 8, lambda s: s["domain"]),
+    ("triton est. us", -14, lambda s: f"{s['estimated_us']:.1f}"),
+    ("eager ref. us", -13, lambda s: f"{s['reference_eager_us']:.1f}"),
+    ("ratio", -6, lambda s: f"{s['speedup_vs_eager']:.2f}"),
+    ("TF32 roof", -9, lambda s: f"{s['tf32_us']:.2f}"),
+    ("FP32 roof", -9, lambda s: f"{s['fp32_us']:.2f}"),
+    ("MUFU roof", -9, lambda s: f"{s['mufu_us']:.2f}"))
+
+
+def _table(columns, rows) -> list:
+    """Fixed-width lines: a header, a rule, one line per row (negative width: right-aligned)."""
+    def line(cells):
+        return " ".join(c.rjust(-w) if w < 0 else c.ljust(w) for c, (_, w, _) in
+                        zip(cells, columns))
+    head = line([h for h, _, _ in columns])
+    return [head, "-" * len(head)] + [line([cell(r) for _, _, cell in columns]) for r in rows]
+
+
 def text_table(records, summary, skipped) -> str:
     lines = [("Triton kernels compiled offline for sm_90 (no GPU; every time is a model, "
               "see benchmarks/triton_report.py)"), ""]
-    head = (f"{'workload':13s} {'op':10s} {'dtype':7s} {'kernel':21s} {'act':3s} {'warps':>5s} "
-            f"{'regs':>4s} {'spill st/ld':>11s} {'smem':>6s} {'TC':2s} {'instr/entry':>11s} "
-            f"{'est. us':>9s}")
-    lines += [head, "-" * len(head)]
-    for r in records:
-        ipe = "-" if r["instructions_per_entry"] is None else f"{r['instructions_per_entry']:.2f}"
-        est = "-" if r["estimated_us"] is None else f"{r['estimated_us']:.1f}"
-        lines.append(f"{r['workload']:13s} {r['op']:10s} {r['dtype']:7s} {r['kernel']:21s} "
-                     f"{'yes' if r['active'] else 'no':3s} {r['num_warps']:5d} "
-                     f"{r['registers'] or 0:4d} "
-                     f"{str(r['spill_store_bytes']) + '/' + str(r['spill_load_bytes']):>11s} "
-                     f"{r['shared_bytes']:6d} {'y' if r['tensor_core'] else '-':2s} {ipe:>11s} "
-                     f"{est:>9s}")
+    lines += _table(_KERNEL_COLUMNS, records)
     lines += ["", ("Per call (active kernels of the domain the reference's method='auto' picks; "
                    "every launch at least 4 us of host time):"), ""]
-    head = (f"{'workload':13s} {'op':5s} {'dtype':7s} {'domain':8s} {'triton est. us':>14s} "
-            f"{'eager ref. us':>13s} {'ratio':>6s} {'TF32 roof':>9s} {'FP32 roof':>9s} "
-            f"{'MUFU roof':>9s}")
-    lines += [head, "-" * len(head)]
-    for s in summary:
-        lines.append(f"{s['workload']:13s} {s['op']:5s} {s['dtype']:7s} {s['domain']:8s} "
-                     f"{s['estimated_us']:14.1f} {s['reference_eager_us']:13.1f} "
-                     f"{s['speedup_vs_eager']:6.2f} {s['tf32_us']:9.2f} {s['fp32_us']:9.2f} "
-                     f"{s['mufu_us']:9.2f}")
+    lines += _table(_CALL_COLUMNS, summary)
     if skipped:
         lines += ["", f"open-set: {skipped}"]
     return "\n".join(lines) + "\n"

@@ -143,6 +143,13 @@ def central_difference_at(f, x: torch.Tensor, coords: torch.Tensor, h: float = 1
     return out
 
 
+def gradient(f, x: torch.Tensor) -> torch.Tensor:
+    """``d f / d x`` at ``x`` (a fresh leaf), without a graph: the first derivative that a
+    finite-difference check of a second derivative differentiates."""
+    x = x.detach().clone().requires_grad_(True)
+    return torch.autograd.grad(f(x), x)[0]
+
+
 def directional_difference(f, x: torch.Tensor, v: torch.Tensor, h: float = 1e-6):
     """``(f(x + h v) - f(x - h v)) / 2h``: the derivative of ``f`` along ``v`` (``f`` may return
     a scalar or a tensor, e.g. a gradient for a Hessian-vector product)."""

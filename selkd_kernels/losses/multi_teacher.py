@@ -20,11 +20,10 @@ import math
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .. import _validation as V
 from ..ops.registry import check_backend_name
-from .sinkhorn_kd import sinkhorn_kd_loss
+from .sinkhorn_kd import plus_cross_entropy, sinkhorn_kd_loss
 
 
 def assessment_weights(scores, temperature: float = 0.1) -> torch.Tensor:
@@ -188,11 +187,7 @@ class MultiTeacherSinkhornKDLoss(torch.nn.Module):
         loss = self.weight * multi_teacher_sinkhorn_kd_loss(
             student_logits, teacher_logits, self.costs, self._current_weights(), tau=self.tau,
             eps=self.eps, n_iters=self.n_iters, tol=self.tol, backend=self.backend)
-        if target is not None:
-            target = V.check_labels("target", target, n=student_logits.shape[0],
-                                    num_classes=student_logits.shape[1], rows_of="student_logits")
-            loss = loss + F.cross_entropy(student_logits, target)
-        return loss
+        return plus_cross_entropy(loss, student_logits, target)
 
     def extra_repr(self):
         w = ", ".join(f"{float(x):.3f}" for x in self.teacher_weights)

@@ -123,6 +123,16 @@ def _reduce(rows, reduction):
     return rows
 
 
+def plus_cross_entropy(loss, student_logits, target):
+    """``loss + CE(target, student_logits)`` (paper 1, Eq. 11), or ``loss`` when ``target`` is
+    None: the supervised term every distillation module adds."""
+    if target is None:
+        return loss
+    target = V.check_labels("target", target, n=student_logits.shape[0],
+                            num_classes=student_logits.shape[1], rows_of="student_logits")
+    return loss + F.cross_entropy(student_logits, target)
+
+
 def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                      cost: torch.Tensor, *, tau: float = 3.0, eps: float = 0.1,
                      n_iters: int = 100, tol: Optional[float] = None, check_every: int = 10,
@@ -233,12 +243,7 @@ class SinkhornKDLoss(torch.nn.Module):
             n_iters=self.n_iters, tol=self.tol, check_every=self.check_every, reduction="mean",
             backend=self.backend, grad=self.grad, return_stats=True)
         self.last_iters, self.last_err = iters, err
-        loss = self.weight * s
-        if target is not None:
-            target = V.check_labels("target", target, n=student_logits.shape[0],
-                                    num_classes=student_logits.shape[1], rows_of="student_logits")
-            loss = loss + F.cross_entropy(student_logits, target)
-        return loss
+        return plus_cross_entropy(self.weight * s, student_logits, target)
 
     def extra_repr(self):
         C_T, C_S = self.cost.shape

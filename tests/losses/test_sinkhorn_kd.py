@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import selkd_kernels as sk
 from selkd_kernels.ops.sinkhorn.dispatch import REGISTRY
 from tests.utils import (assert_close, central_difference_at, cost, directional_difference,
-                         logits, random_coordinates, require_backend)
+                         gradient, logits, random_coordinates, require_backend)
 
 
 @pytest.fixture(autouse=True)
@@ -179,8 +179,7 @@ def test_hessian_vector_product_matches_finite_differences():
     v = torch.randn(zs.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
     def grad_s(z):
-        s = z.clone().requires_grad_(True)
-        return torch.autograd.grad(sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, **CONVERGED), s)[0]
+        return gradient(lambda s: sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, **CONVERGED), z)
 
     s = zs.clone().requires_grad_(True)
     g, = torch.autograd.grad(sk.sinkhorn_kd_loss(s, zt, M, eps=0.2, **CONVERGED), s,
@@ -195,8 +194,7 @@ def test_second_derivative_w_r_t_cost_and_teacher():
     V = torch.randn(M.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
 
     def grad_c(c):
-        c = c.clone().requires_grad_(True)
-        return torch.autograd.grad(sk.sinkhorn_kd_loss(zs, zt, c, eps=0.3, **CONVERGED), c)[0]
+        return gradient(lambda x: sk.sinkhorn_kd_loss(zs, zt, x, eps=0.3, **CONVERGED), c)
 
     t, c = zt.clone().requires_grad_(True), M.clone().requires_grad_(True)
     gt, gc = torch.autograd.grad(sk.sinkhorn_kd_loss(zs, t, c, eps=0.3, **CONVERGED), (t, c),

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import numpy as np
 import torch
@@ -52,15 +51,12 @@ except Exception as exc:  # Triton is optional: the registry reports this backen
     raise ImportError(f"selkd_kernels.ops.partial_ot.triton needs Triton: {exc}") from exc
 
 from ... import _validation as V
+from ..triton_device import interpreting, triton_supports
 from . import reference as _ref
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # triton.jit reads the flag when a kernel is defined, so CPU tensors work only if it was set then
-_DEFINED_INTERPRETED = _interpreting()
+_DEFINED_INTERPRETED = interpreting()
 
 METHOD_CODE = {"exact": 0, "bregman": 1}
 FORMULATION_CODE = {"paper": 0, "consistent": 1}
@@ -452,7 +448,7 @@ def _blocks(m: int, k: int, dtype: torch.dtype) -> dict:
 
 
 def _num_warps() -> int:
-    return 1 if _interpreting() else NUM_WARPS
+    return 1 if interpreting() else NUM_WARPS
 
 
 @functools.lru_cache(maxsize=64)
@@ -464,7 +460,7 @@ def _params(inv_eps: float, lam: float, floor: float, dtype: torch.dtype, device
 def _quiet():
     # the interpreter evaluates masked-off lanes with numpy (log 0, inf - inf); the results are
     # discarded by the masks, so its floating-point warnings are noise
-    return np.errstate(all="ignore") if _interpreting() else contextlib.nullcontext()
+    return np.errstate(all="ignore") if interpreting() else contextlib.nullcontext()
 
 
 class _Solve:
@@ -503,10 +499,7 @@ class PartialOTTritonBackend:
     name = "triton"
 
     def supports(self, device) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda":
-            return torch.cuda.is_available()
-        return device.type == "cpu" and _interpreting() and _DEFINED_INTERPRETED
+        return triton_supports(device, _DEFINED_INTERPRETED)
 
     def coupling(self, scores, *, gamma, eps, method, n_iters):
         cd = V.compute_dtype(scores)

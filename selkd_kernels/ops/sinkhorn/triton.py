@@ -42,7 +42,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -53,6 +52,7 @@ except Exception as exc:  # Triton is optional: the registry reports this backen
     raise ImportError(f"selkd_kernels.ops.sinkhorn.triton needs Triton: {exc}") from exc
 
 from ... import _validation as V
+from ..triton_device import interpreting, triton_supports
 from . import reference as _ref
 from . import triton_gemm as TG
 from . import triton_log as TLOG
@@ -82,12 +82,8 @@ INT_POINTERS = ("iters_ptr", "iters_src_ptr", "active_ptr", "bad_ptr", "cbad_ptr
 INPUT_POINTERS = ("a_ptr", "b_ptr")
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 # triton.jit reads the flag when a kernel is defined, so CPU tensors work only if it was set then
-_DEFINED_INTERPRETED = _interpreting()
+_DEFINED_INTERPRETED = interpreting()
 
 
 @dataclass(frozen=True)
@@ -275,7 +271,7 @@ def _f64(x: float):
     """A float kernel argument. Compiled kernels type these float64 (the launcher passes a C
     double); the interpreter would round a Python float to float32, so it gets a float64
     scalar of its own kind instead."""
-    if not _interpreting():
+    if not interpreting():
         return float(x)
     import numpy as np
     import triton.language as tl
@@ -287,7 +283,7 @@ def _f64(x: float):
 def _quiet():
     # the interpreter evaluates masked-off lanes with numpy (log 0, inf - inf, 0 / 0, max of an
     # all-NaN padding slice); the masks discard those results, so its warnings are noise
-    if not _interpreting():
+    if not interpreting():
         yield
         return
     import warnings
@@ -462,10 +458,7 @@ class TritonBackend:
     name = "triton"
 
     def supports(self, device) -> bool:
-        device = torch.device(device)
-        if device.type == "cuda":
-            return torch.cuda.is_available()
-        return device.type == "cpu" and _interpreting() and _DEFINED_INTERPRETED
+        return triton_supports(device, _DEFINED_INTERPRETED)
 
     def expected_speedup(self, problem) -> float | None:
         """Estimated speed-up over the torch reference on the same GPU for ``problem`` (a

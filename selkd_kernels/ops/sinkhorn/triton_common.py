@@ -77,3 +77,20 @@ def use_standard_domain(lo, hi, eps, max_range):
     never the standard domain."""
     rng = (hi - lo).to(tl.float64) / eps
     return rng <= max_range
+
+
+@triton.jit
+def domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN: tl.constexpr):
+    """Whether this kernel runs for this call: always (0), only where the reference's
+    ``method="auto"`` rule picks the standard domain (1) or only where it picks the log domain
+    (2). Also returns whether the cost holds NaN or inf (its min or max is not finite)."""
+    lo = tl.load(lo_ptr)
+    hi = tl.load(hi_ptr)
+    bad_cost = ~((lo == lo) & (hi == hi) & (tl.abs(lo) < float("inf"))
+                 & (tl.abs(hi) < float("inf")))
+    run = True
+    if DOMAIN == 1:
+        run = use_standard_domain(lo, hi, eps_arg, max_range)
+    if DOMAIN == 2:
+        run = ~use_standard_domain(lo, hi, eps_arg, max_range)
+    return run, bad_cost

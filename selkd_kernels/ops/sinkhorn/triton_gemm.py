@@ -31,8 +31,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import domain_ok
 from .triton_rows import finish_rows, prepare_side, rows_tile
-from .triton_scaling import _domain_ok, product
+from .triton_scaling import product
 
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "B", "m", "n", "n_tiles", "kdim", "CHECK")
 
@@ -46,7 +47,7 @@ def rows_prepare_kernel(a_ptr, sa0, sa1, b_ptr, sb0, sb1, pa_ptr, pb_ptr, u_ptr,
     """Marginals, starting scalings (``u`` is filled too so that its padding is defined), active
     flags and per-row bad-input counts of one row block."""
     CD: tl.constexpr = pa_ptr.dtype.element_ty
-    run, _ = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         r0 = tl.program_id(0).to(tl.int64) * BB
         lr = tl.arange(0, BB)
@@ -91,7 +92,7 @@ def scaling_half_kernel(x_ptr, kh_ptr, kl_ptr, p_ptr, den_ptr, y_ptr, active_ptr
     tile 0). ``kh``, ``kl``: TF32 head and tail of ``K`` (rows of length LDK; see
     :mod:`.triton_scaling`, Precision)."""
     CD: tl.constexpr = p_ptr.dtype.element_ty
-    run, _ = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         r0 = tl.program_id(0).to(tl.int64) * BB
         lr = tl.arange(0, BB)
@@ -121,7 +122,7 @@ def check_partial_kernel(v_ptr, kh_ptr, kl_ptr, pa_ptr, u_ptr, active_ptr, part_
     """After a checked iteration: ``r = u * (K v)`` on one tile and the tile sums of
     ``|r - a|`` per row into ``part`` (read by the next alpha-update)."""
     CD: tl.constexpr = pa_ptr.dtype.element_ty
-    run, _ = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         r0 = tl.program_id(0).to(tl.int64) * BB
         lr = tl.arange(0, BB)
@@ -143,7 +144,7 @@ def finish_product_kernel(v_ptr, kh_ptr, kl_ptr, u_ptr, r_ptr, n, lo_ptr, hi_ptr
                           DOMAIN: tl.constexpr, PRECISION: tl.constexpr):
     """Row sums of the final plan, ``r = u * (K v)``, on one tile."""
     CD: tl.constexpr = u_ptr.dtype.element_ty
-    run, _ = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         r0 = tl.program_id(0).to(tl.int64) * BB
         lr = tl.arange(0, BB)
@@ -165,7 +166,7 @@ def finish_rows_kernel(pa_ptr, pb_ptr, s_ptr, c_ptr, r_ptr, bad_ptr, iters_src_p
     """Potentials, loss, error, iteration counts and (KD) envelope gradients of one row block
     (:func:`.triton_rows.finish_rows`)."""
     CD: tl.constexpr = pa_ptr.dtype.element_ty
-    run, bad_cost = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, bad_cost = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         r0 = tl.program_id(0).to(tl.int64) * BB
         lr = tl.arange(0, BB)

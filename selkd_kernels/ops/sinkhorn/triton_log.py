@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import use_standard_domain
+from .triton_common import domain_ok
 
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "sm0", "sm1", "sm2", "B", "m", "n", "n_iters",
                      "check_every", "rows_per_prog")
@@ -296,9 +296,7 @@ def log_streamed_kernel(
     ``lse``: scratch of the output shapes. ``DOMAIN == 2``: only where the reference's
     ``method="auto"`` picks the log domain."""
     CD: tl.constexpr = alpha_ptr.dtype.element_ty
-    run = True
-    if DOMAIN == 2:
-        run = ~use_standard_domain(tl.load(lo_ptr), tl.load(hi_ptr), eps_arg, max_range)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         eps = tl.cast(eps_arg, CD)
         unit = tl.cast(unit_arg, CD)

@@ -55,29 +55,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import use_standard_domain
+from .triton_common import domain_ok
 from .triton_rows import finish_rows, prepare_side, rows_tile, store_rows_tile
 
 # ints that change between calls of one training loop: a new value must not recompile
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "sm0", "sm1", "B", "m", "n", "n_iters",
                      "check_every")
-
-
-@triton.jit
-def _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN: tl.constexpr):
-    """Whether this kernel runs for this call: always (0), only where the reference's
-    ``method="auto"`` rule picks the standard domain (1) or only where it picks the log domain
-    (2). Also returns whether the cost holds NaN or inf (its min or max is not finite)."""
-    lo = tl.load(lo_ptr)
-    hi = tl.load(hi_ptr)
-    bad_cost = ~((lo == lo) & (hi == hi) & (tl.abs(lo) < float("inf"))
-                 & (tl.abs(hi) < float("inf")))
-    run = True
-    if DOMAIN == 1:
-        run = use_standard_domain(lo, hi, eps_arg, max_range)
-    if DOMAIN == 2:
-        run = ~use_standard_domain(lo, hi, eps_arg, max_range)
-    return run, bad_cost
 
 
 @triton.jit
@@ -97,7 +80,7 @@ def kernel_matrix_kernel(m_ptr, sm0, sm1, lo_ptr, hi_ptr, kh_ptr, kl_ptr, m, n,
     """``K = exp(-(M - min M)/eps)`` into ``kh`` (rows of length LDK), zero beyond ``m x n``;
     one (TM, TN) tile per program. ``"tf32x3"``: ``kh`` gets the TF32 head, ``kl`` the tail."""
     CD: tl.constexpr = kh_ptr.dtype.element_ty
-    run, _ = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         eps = tl.cast(eps_arg, CD)
         oi = tl.program_id(0) * TM + tl.arange(0, TM)
@@ -202,7 +185,7 @@ def scaling_resident_kernel(
     wide) and ``pb``, ``c``, ``v`` (BN wide): scratch of ``cdiv(B, BB) * BB`` rows. BT: the
     column tile of the prologue and epilogue."""
     CD: tl.constexpr = alpha_ptr.dtype.element_ty
-    run, bad_cost = _domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
+    run, bad_cost = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         oi = tl.arange(0, BM)
         oj = tl.arange(0, BN)

@@ -42,9 +42,9 @@ import triton.language as tl
 
 from .triton_common import (
     count_bad,
+    domain_ok,
     envelope_grad_vector,
     load_marginal_vector,
-    use_standard_domain,
 )
 
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "B", "m", "n", "n_iters", "check_every",
@@ -217,9 +217,7 @@ def stabilized_kernel(
     ``unit = eps ln 2``; ``floor`` and ``bound``: the validity floor of a scaling step's
     denominators and the absorption bound of the scalings (module docstring)."""
     CD: tl.constexpr = alpha_ptr.dtype.element_ty
-    run = True
-    if DOMAIN == 2:
-        run = ~use_standard_domain(tl.load(lo_ptr), tl.load(hi_ptr), eps_arg, max_range)
+    run, _ = domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN)
     if run:
         eps = tl.cast(eps_arg, CD)
         zscale = tl.cast(zscale_arg, CD)

@@ -416,7 +416,7 @@ def test_dot_precision_reaches_the_kernel(monkeypatch, dtype):
     # the interpreter multiplies exactly, so only the operands can show the precision: record
     # every dot the scaling kernel runs; float32 ones are TF32 products of TF32-exact operands
     # (three per step), float64 ones are "ieee"
-    if not tri._interpreting():
+    if not tri.interpreting():
         pytest.skip("inspects the interpreter's dots")
     from triton.runtime import interpreter
     seen = []
