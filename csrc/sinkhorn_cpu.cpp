@@ -337,47 +337,55 @@ SELKD_INLINE void lanes_matmul(const T* K, int64_t rows, int64_t cols, const V* 
   for (; i < rows; ++i) lanes_tile<T, V, NV, 1>(K + i * cols, cols, X, Y + i * NV);
 }
 
-// Solves rows [r0, r0 + nl) with NV vectors per quantity (nl <= NV * lanes per vector). `raw` is
-// scratch of at least blocked_scratch_size<T>(m, n) elements.
-template <typename T, int W, int NV>
-SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
+// The per-class quantities of one block of rows, NV vectors each (lane l = row r0 + l), carved
+// out of caller-provided scratch so that a worker allocates once for all its blocks. Every member
+// is force-inlined, like the other helpers, so that it takes the target of the clone it runs in.
+template <typename T, int W, int NV> struct LaneBlock {
   using V = typename VecOf<T, W>::type;
-  constexpr int VL = static_cast<int>(sizeof(V) / sizeof(T));
-  constexpr int L = NV * VL;
-  const int64_t m = P.m, n = P.n;
-  T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + sizeof(V) - 1) &
-                                 ~(uintptr_t)(sizeof(V) - 1));
-  V* A = reinterpret_cast<V*>(base);
-  V* U = A + m * NV;
-  V* S = U + m * NV;   // K v, the next u-update's denominator
-  V* Sp = S + m * NV;  // the denominator of the current u
-  V* Bv = Sp + m * NV;
-  V* Vv = Bv + n * NV;
-  V* C = Vv + n * NV;  // K^T u, the denominator of the current v
-  T* lu = reinterpret_cast<T*>(C + n * NV);
-  T* ls = lu + m;
-  T* lv = ls + m;
-  T* lsd = lv + n;
-  T* lcd = lsd + m;
-  // element of lane l in the NV-vector pack number idx
-  auto at = [](V* arr, int64_t idx, int l) -> T& {
-    return reinterpret_cast<T*>(arr + idx * NV + l / VL)[l % VL];
-  };
+  static constexpr int VL = static_cast<int>(sizeof(V) / sizeof(T));
+  static constexpr int L = NV * VL;
+  int64_t m, n;
+  V *A, *U, *S, *Sp, *Bv, *Vv, *C;  // S = K v (next u's denominator), Sp: current u's; C = K^T u
+  T *lu, *ls, *lv, *lsd, *lcd;      // one lane unpacked, for finalize_row
 
-  // spare lanes of a short block replay row r0 and are never written back
-  for (int l = 0; l < L; ++l) {
-    const int64_t row = r0 + (l < nl ? l : 0);
-    const T* ar = P.a + row * m;
-    const T* br = P.b + row * n;
-    for (int64_t i = 0; i < m; ++i) at(A, i, l) = ar[i];
-    for (int64_t j = 0; j < n; ++j) at(Bv, j, l) = br[j];
+  SELKD_INLINE LaneBlock(int64_t m_, int64_t n_, T* raw) : m(m_), n(n_) {
+    T* base = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(raw) + sizeof(V) - 1) &
+                                   ~(uintptr_t)(sizeof(V) - 1));
+    A = reinterpret_cast<V*>(base);
+    U = A + m * NV;
+    S = U + m * NV;
+    Sp = S + m * NV;
+    Bv = Sp + m * NV;
+    Vv = Bv + n * NV;
+    C = Vv + n * NV;
+    lu = reinterpret_cast<T*>(C + n * NV);
+    ls = lu + m;
+    lv = ls + m;
+    lsd = lv + n;
+    lcd = lsd + m;
   }
-  bool done[L];
-  for (int l = 0; l < L; ++l) done[l] = l >= nl;
-  int left = nl;
-
-  auto emit = [&](int l, int32_t it) {
-    const int64_t row = r0 + l;
+  // element of lane l in the NV-vector pack number idx
+  SELKD_INLINE static T& at(V* arr, int64_t idx, int l) {
+    return reinterpret_cast<T*>(arr + idx * NV + l / VL)[l % VL];
+  }
+  // spare lanes of a short block replay row r0 and are never written back
+  SELKD_INLINE void load(const Problem<T>& P, int64_t r0, int nl) {
+    for (int l = 0; l < L; ++l) {
+      const int64_t row = r0 + (l < nl ? l : 0);
+      const T* ar = P.a + row * m;
+      const T* br = P.b + row * n;
+      for (int64_t i = 0; i < m; ++i) at(A, i, l) = ar[i];
+      for (int64_t j = 0; j < n; ++j) at(Bv, j, l) = br[j];
+    }
+  }
+  // ||u * (K v) - a||_1 of lane l, accumulated in double as in the reference
+  SELKD_INLINE double row_error(int l) const {
+    double e = 0.0;
+    for (int64_t i = 0; i < m; ++i)
+      e += std::abs(static_cast<double>(at(U, i, l) * at(S, i, l)) - at(A, i, l));
+    return e;
+  }
+  SELKD_INLINE void emit(const Problem<T>& P, int64_t row, int l, int32_t it) {
     for (int64_t i = 0; i < m; ++i) {
       lu[i] = at(U, i, l);
       ls[i] = at(S, i, l);
@@ -387,36 +395,45 @@ SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
     finalize_row<T>(P.a + row * m, P.b + row * n, m, n, P.eps, nullptr, P.shift, lu, ls, nullptr,
                     lv, lsd, lcd, P.alpha + row * m, P.beta + row * n, P.loss + row, P.err + row);
     P.iters[row] = it;
-  };
+  }
+};
+
+// Solves rows [r0, r0 + nl) with NV vectors per quantity (nl <= NV * lanes per vector). `raw` is
+// scratch of at least blocked_scratch_size<T>(m, n) elements.
+template <typename T, int W, int NV>
+SELKD_INLINE void solve_block(const Problem<T>& P, int64_t r0, int nl, T* raw) {
+  using Block = LaneBlock<T, W, NV>;
+  using V = typename Block::V;
+  constexpr int L = Block::L;
+  const int64_t m = P.m, n = P.n;
+  Block q(m, n, raw);
+  q.load(P, r0, nl);
+  bool done[L];
+  for (int l = 0; l < L; ++l) done[l] = l >= nl;
+  int left = nl;
 
   const V one = V{} + T(1);
-  for (int64_t j = 0; j < n * NV; ++j) Vv[j] = one;
-  lanes_matmul<T, V, NV>(P.K, m, n, Vv, S);
+  for (int64_t j = 0; j < n * NV; ++j) q.Vv[j] = one;
+  lanes_matmul<T, V, NV>(P.K, m, n, q.Vv, q.S);
   for (int64_t t = 1; t <= P.n_iters && left > 0; ++t) {
-    for (int64_t i = 0; i < m * NV; ++i) U[i] = A[i] / S[i];
-    lanes_matmul<T, V, NV>(P.KT, n, m, U, C);
-    for (int64_t j = 0; j < n * NV; ++j) Vv[j] = Bv[j] / C[j];
+    for (int64_t i = 0; i < m * NV; ++i) q.U[i] = q.A[i] / q.S[i];
+    lanes_matmul<T, V, NV>(P.KT, n, m, q.U, q.C);
+    for (int64_t j = 0; j < n * NV; ++j) q.Vv[j] = q.Bv[j] / q.C[j];
     // S = K v serves both this iteration's error and the next u-update; the old S, the
     // denominator of this U, is kept for the potentials (see finalize_row)
-    std::swap(S, Sp);
-    lanes_matmul<T, V, NV>(P.K, m, n, Vv, S);
-    if (P.use_tol && (t % P.check_every == 0 || t == P.n_iters)) {
-      for (int l = 0; l < L; ++l) {
-        if (done[l]) continue;
-        double e = 0.0;
-        for (int64_t i = 0; i < m; ++i)
-          e += std::abs(static_cast<double>(at(U, i, l) * at(S, i, l)) - at(A, i, l));
-        // a NaN error never passes, as in the reference
-        if (e <= P.tol) {
-          emit(l, static_cast<int32_t>(t));
-          done[l] = true;
-          --left;
-        }
-      }
+    std::swap(q.S, q.Sp);
+    lanes_matmul<T, V, NV>(P.K, m, n, q.Vv, q.S);
+    if (!P.use_tol || (t % P.check_every != 0 && t != P.n_iters)) continue;
+    for (int l = 0; l < L; ++l) {
+      // a NaN error never passes, as in the reference
+      if (done[l] || !(q.row_error(l) <= P.tol)) continue;
+      q.emit(P, r0 + l, l, static_cast<int32_t>(t));
+      done[l] = true;
+      --left;
     }
   }
   for (int l = 0; l < L; ++l)
-    if (!done[l]) emit(l, static_cast<int32_t>(P.n_iters));
+    if (!done[l]) q.emit(P, r0 + l, l, static_cast<int32_t>(P.n_iters));
 }
 
 template <typename T, int W> constexpr int64_t block_rows() {
