@@ -12,7 +12,7 @@
 # 3. times `selkd bench` on cifar / large-batch / many-classes / sharp (on a GPU one phase per
 #    workload, in the dry run one for all):
 #    the Triton backend against the reference family (eager, torch.compile'd, and for the KD
-#    forward the unrolled autograd reference; `--providers reference` selects the family), solve
+#    forward the unrolled autograd reference; `--providers 'reference:*'` selects the family), solve
 #    and KD forward;
 # 4. writes everything to OUTDIR: env.txt, pytest_*.log/xml, bench_*/results.json, summary.md.
 #
@@ -115,7 +115,7 @@ for group in cifar large-batch many-classes sharp "cifar large-batch many-classe
   # shellcheck disable=SC2086  # the group is a list of workload names
   run_phase "bench $tag: triton vs reference (eager, compiled)" "${T_BENCH[$group]}" "$PY" -m \
     selkd_kernels.cli bench --workloads $group --ops sinkhorn kd-forward \
-    --providers selkd:triton reference "${BENCH_FLAGS[@]}" --no-progress \
+    --providers selkd:triton 'reference:*' "${BENCH_FLAGS[@]}" --no-progress \
     --out "$OUTDIR/bench_$tag" > "$OUTDIR/bench_$tag.log" 2>&1
 done
 

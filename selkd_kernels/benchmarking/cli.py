@@ -44,7 +44,7 @@ EXAMPLES = """examples:
   selkd bench --quick --out /tmp/bench            # CI smoke run: every provider once, < 60 s
   selkd bench --workloads cifar sharp --out results
   selkd bench --workloads none --sweep batch classes --ops sinkhorn --out results
-  selkd bench --providers selkd reference plain:scaling pot:batch --repeats 30
+  selkd bench --providers selkd 'reference:*' plain:scaling pot:batch --repeats 30
   selkd bench --list                              # workloads, sweeps, ops, providers here
 
 Results: results.json, results.csv and PNG plots (with matplotlib) in --out, a comparison table
@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"ops to time (unset: all that apply): {', '.join(ALL_OPS)}")
     p.add_argument("--providers", nargs="+", metavar="NAME", default=None,
                    help="provider names or families to keep, e.g. 'selkd reference:compiled "
-                        "plain pot:batch' (unset: all)")
+                        "plain pot:batch'; 'reference' is the eager reference alone, "
+                        "'reference:*' its whole family (unset: all)")
     p.add_argument("--repeats", type=int, default=15, help="timed samples per provider")
     p.add_argument("--warmup", type=int, default=2,
                    help="untimed calls first (the first compiles; the last measures memory)")

@@ -465,9 +465,17 @@ def providers_for(op: str, device) -> list[Provider]:
 
 
 def select(providers: list[Provider], patterns: Optional[list[str]]) -> list[Provider]:
-    """Keep providers whose name equals a pattern or starts with ``pattern:`` (a family)."""
+    """Keep the providers a pattern names. A pattern that is a provider's name keeps that one
+    provider (``reference`` is the eager reference alone, although it is also a family's name);
+    ``FAMILY:*``, or a family's name that no provider has, keeps the whole family."""
     if not patterns:
         return providers
-    return [p for p in providers
-            if any(p.name == pat or p.name.startswith(pat + ":") or p.family == pat
-                   for pat in patterns)]
+    names = {p.name for p in providers}
+
+    def keeps(p, pat):
+        if pat in names:
+            return p.name == pat
+        family = pat[:-2] if pat.endswith(":*") else pat
+        return p.family == family or p.name.startswith(family + ":")
+
+    return [p for p in providers if any(keeps(p, pat) for pat in patterns)]

@@ -224,3 +224,27 @@ def test_plain_partial_ot_matches_package(method):
         got = BL.plain_partial_bregman(inp.student_scores, inp.gamma, w.eps, w.n_iters)
     torch.testing.assert_close(got, expect, rtol=1e-9, atol=1e-12)
     assert float(got.sum()) == pytest.approx(inp.gamma)
+
+
+# ----------------------------------------------------------------------------- provider selection
+
+def _selected(patterns, op="sinkhorn"):
+    return [p.name for p in P.select(P.providers_for(op, "cpu"), patterns)]
+
+
+def test_select_a_name_that_is_also_a_family_keeps_that_provider_alone():
+    assert _selected(["reference"]) == ["reference"]
+
+
+def test_select_family_wildcard_and_bare_family_keep_the_whole_family():
+    family = [p.name for p in P.providers_for("sinkhorn", "cpu") if p.family == "reference"]
+    assert len(family) > 1
+    assert _selected(["reference:*"]) == family
+    plain = _selected(["plain"])
+    assert plain and all(n.startswith("plain:") for n in plain)
+
+
+def test_select_exact_names_and_no_patterns():
+    assert _selected(["plain:log", "reference:compiled"]) == ["reference:compiled", "plain:log"]
+    assert _selected(None) == [p.name for p in P.providers_for("sinkhorn", "cpu")]
+    assert _selected(["no-such-provider"]) == []
