@@ -40,6 +40,7 @@ from ..ops.partial_ot import dispatch as _partial_dispatch
 from ..ops.registry import BACKEND_NAMES
 from ..ops.sinkhorn import dispatch as _sinkhorn_dispatch
 from ..ops.sinkhorn import reference as _ref
+from ..ops.triton_device import interpreting
 from . import baselines as BL
 from .environment import cpp_vector_bits
 from .workloads import Workload
@@ -136,7 +137,7 @@ def backend_status(name: str, device: torch.device, registry=None
         return reason, None
     if name not in registry.available(device):
         return f"does not run on {device.type} tensors here", None
-    if name == "triton" and device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1":
+    if name == "triton" and device.type == "cpu" and interpreting():
         return None, "Triton interpreter (TRITON_INTERPRET=1): correctness only, never timed"
     return None, None
 
