@@ -155,6 +155,7 @@ class Loader:
         name = f"{self.package}._C"
         try:
             if name in sys.modules:
+                self.origin, self.path = "prebuilt", path
                 return None
             spec = importlib.util.spec_from_file_location(name, path)
             module = importlib.util.module_from_spec(spec)

@@ -326,3 +326,13 @@ def test_the_loaded_extension_says_where_it_came_from():
     info = E.extension_info()
     assert info["origin"] in ("prebuilt", "jit-cache", "jit-build") and info["error"] is None
     assert os.path.isfile(info["path"])
+
+
+def test_a_second_loader_of_an_already_imported_extension_says_where_it_is():
+    # the prebuilt _C is already in sys.modules (this process loaded it): a fresh loader must
+    # still report its origin and path, not None
+    if "cpp" not in sk.available_backends() or E.extension_info()["origin"] != "prebuilt":
+        pytest.skip("the C++ backend here is not the prebuilt _C")
+    loader = E.Loader()
+    assert loader.load() == "prebuilt"
+    assert loader.path == E.extension_info()["path"]
