@@ -56,8 +56,9 @@ REGISTRY = BackendRegistry(
 
 @dataclass(frozen=True)
 class SinkhornProblem:
-    """What ``backend="auto"`` weighs on a GPU (see :func:`describe`): shapes, compute dtype,
-    shared or per-row cost, KD or plain solve, ``method``, iteration count and device type.
+    """What ``backend="auto"`` weighs on a GPU (see :func:`describe`, which describes CUDA calls
+    only): shapes, compute dtype, shared or per-row cost, KD or plain solve, ``method`` and
+    iteration count.
     Built from shapes and arguments only, so resolving a backend never reads a tensor."""
     B: int
     m: int
@@ -67,7 +68,6 @@ class SinkhornProblem:
     kd: bool
     method: str
     n_iters: int
-    device_type: str
 
 
 def describe(a, b, cost, *, method: str, n_iters: int, kd: bool) -> SinkhornProblem | None:
@@ -77,8 +77,7 @@ def describe(a, b, cost, *, method: str, n_iters: int, kd: bool) -> SinkhornProb
         return None
     return SinkhornProblem(B=int(a.shape[0]), m=int(a.shape[1]), n=int(b.shape[1]),
                            dtype_name=str(V.compute_dtype(a, b, cost)).replace("torch.", ""),
-                           shared=cost.dim() == 2, kd=kd, method=method, n_iters=int(n_iters),
-                           device_type=a.device.type)
+                           shared=cost.dim() == 2, kd=kd, method=method, n_iters=int(n_iters))
 
 
 def get_backend(name: str, device, problem: SinkhornProblem | None = None):

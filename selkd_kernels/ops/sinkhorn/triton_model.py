@@ -21,6 +21,7 @@ classes) is assumed to find it in the SM's L1.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 SM_COUNT = 132
@@ -286,13 +287,14 @@ def triton_estimate_us(problem, costs: dict | None = None) -> float | None:
     return total
 
 
+# backend="auto" asks on every call of a training loop, whose shapes rarely change; bounded, so
+# that a stream of new shapes cannot grow it
+@functools.lru_cache(maxsize=256)
 def expected_speedup(problem) -> float | None:
-    """Estimated ``reference time / Triton time`` for a call, or None where there is no
-    estimate (not a CUDA device, or a kernel without a recorded cost). Without reading the cost
-    (a device synchronisation) ``method="auto"`` may go either way; the reference's standard
-    domain is its fast case, so that one is assumed: the cautious ratio."""
-    if getattr(problem, "device_type", "cuda") != "cuda":
-        return None
+    """Estimated ``reference time / Triton time`` for a call (a CUDA one: only those are
+    described), or None where a kernel has no recorded cost. Without reading the cost (a device
+    synchronisation) ``method="auto"`` may go either way; the reference's standard domain is its
+    fast case, so that one is assumed: the cautious ratio."""
     est = triton_estimate_us(problem)
     if est is None:
         return None

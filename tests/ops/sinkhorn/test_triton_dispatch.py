@@ -25,20 +25,20 @@ class _Fake:
         return self._speed
 
 
-def _registry(monkeypatch, fast):
+def _registry(fast):
     reg = BackendRegistry("test", modules={}, auto_order={"cuda": ("triton", "torch")},
                           reference=_Fake("torch"))
     reg._loaded["triton"] = fast
     return reg
 
 
-def test_auto_passes_over_a_backend_expected_slower(monkeypatch):
+def test_auto_passes_over_a_backend_expected_slower():
     problem = object()
-    slow = _registry(monkeypatch, _Fake("triton", speed=0.5))
+    slow = _registry(_Fake("triton", speed=0.5))
     assert slow.resolve("auto", torch.device("cuda"), problem=problem).name == "torch"
-    fast = _registry(monkeypatch, _Fake("triton", speed=3.0))
+    fast = _registry(_Fake("triton", speed=3.0))
     assert fast.resolve("auto", torch.device("cuda"), problem=problem).name == "triton"
-    unknown = _registry(monkeypatch, _Fake("triton", speed=None))
+    unknown = _registry(_Fake("triton", speed=None))
     assert unknown.resolve("auto", torch.device("cuda"), problem=problem).name == "triton"
     # no description of the call: the static order, as before the hook existed
     assert slow.resolve("auto", torch.device("cuda")).name == "triton"
@@ -46,8 +46,8 @@ def test_auto_passes_over_a_backend_expected_slower(monkeypatch):
     assert slow.resolve("triton", torch.device("cuda"), problem=problem).name == "triton"
 
 
-def test_explain_says_why(monkeypatch):
-    reg = _registry(monkeypatch, _Fake("triton", speed=0.5))
+def test_explain_says_why():
+    reg = _registry(_Fake("triton", speed=0.5))
     verdicts = dict(reg.explain("cuda", problem=object()))
     assert verdicts["triton"].startswith("skipped: expected 0.50x")
     assert verdicts["torch"].startswith("picked")
@@ -60,7 +60,7 @@ def test_describe_is_none_off_cuda():
 
 
 def _problem(B, m, n, dtype="float32", method="auto", shared=True, n_iters=50):
-    return dispatch.SinkhornProblem(B, m, n, dtype, shared, True, method, n_iters, "cuda")
+    return dispatch.SinkhornProblem(B, m, n, dtype, shared, True, method, n_iters)
 
 
 @pytest.mark.parametrize("B,m,n,method", [(256, 100, 100, "auto"), (4096, 100, 100, "auto"),
