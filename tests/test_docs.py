@@ -6,6 +6,8 @@ import subprocess
 
 import pytest
 
+from tests.test_readme import section
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DOC_FILES = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "README.md",
                     *(ROOT / "docs").rglob("*.md")])
@@ -42,9 +44,8 @@ def test_relative_links_resolve(doc):
 
 
 def _layout_rows():
-    text = (ROOT / "README.md").read_text()
-    section = text.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    body = section((ROOT / "README.md").read_text(), "Layout")
+    rows = [line for line in body.splitlines() if line.startswith("| `")]
     assert rows, "README.md has no Layout table"
     return [re.findall(r"`([^`]+)`", row.split("|")[1]) for row in rows]
 
