@@ -123,21 +123,15 @@ def _extension_build(torch):
     """(ext_modules, cmdclass) for the compiled extension against the importable torch."""
     from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    debug = rules.env_flag(rules.ENV_DEBUG)
-    native = rules.env_flag(rules.ENV_NATIVE)
     compiler = rules.find_compiler()
     if compiler is None:
         raise SystemExit("selkd-kernels: no C++ compiler found ($CXX or c++); install g++ or "
                          "clang++, or set SELKD_NO_EXTENSIONS=1 for a pure-Python build")
-    runtime = rules.torch_openmp_runtime(torch)
-    openmp = rules.choose_openmp(
-        compiler.kind, runtime, lambda f, link: rules.probe(compiler, f, link=link))
+    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
+    record = rules.record_for(torch, compiler, rules.sources_hash(sources))
+    flags, openmp = rules.flags_for(compiler, record)
     if openmp.note:
         _banner(f"selkd-kernels: {openmp.note}\n")
-    flags = rules.compile_flags(debug=debug, native=native, openmp=openmp)
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    record = rules.build_record(torch, compiler, debug=debug, native=native,
-                                sources=rules.sources_hash(sources), openmp_runtime=runtime)
     record.update(cflags=flags.cflags, ldflags=flags.ldflags)
 
     class BuildExtWithRecord(BuildExtension.with_options(use_ninja=True)):

@@ -264,6 +264,22 @@ def build_record(torch_module, compiler: Compiler, *, debug: bool, native: bool,
     return record
 
 
+def record_for(torch_module, compiler: Compiler, sources: str, environ=None) -> dict:
+    """The :func:`build_record` of a build now: switches from the environment, OpenMP runtime
+    from ``torch_module`` (setup.py and the JIT loader describe their builds alike)."""
+    return build_record(torch_module, compiler, debug=env_flag(ENV_DEBUG, environ),
+                        native=env_flag(ENV_NATIVE, environ), sources=sources,
+                        openmp_runtime=torch_openmp_runtime(torch_module))
+
+
+def flags_for(compiler: Compiler, record: dict) -> tuple[Flags, OpenMP]:
+    """Compile and link flags of the build ``record`` describes, and the OpenMP choice behind
+    them (probes the compiler: only when a build really runs)."""
+    openmp = choose_openmp(compiler.kind, record["openmp_runtime"],
+                           lambda f, link: probe(compiler, f, link=link))
+    return compile_flags(debug=record["debug"], native=record["native"], openmp=openmp), openmp
+
+
 def prebuilt_mismatch(record: dict | None, facts: dict, sources: str | None) -> str | None:
     """Why a prebuilt _C described by ``record`` must not be loaded here (None: it may).
     ``sources`` is the hash of the sources next to the package, when there are any."""

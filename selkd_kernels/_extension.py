@@ -131,9 +131,7 @@ class Loader:
         if blocked:
             raise ImportError(f"the C++ kernels cannot be loaded: {why}, and {blocked}. "
                               f"{HOW_TO_GET_IT}")
-        record = B.build_record(torch, compiler, debug=B.env_flag(B.ENV_DEBUG, self.environ),
-                                native=B.env_flag(B.ENV_NATIVE, self.environ), sources=shash,
-                                openmp_runtime=B.torch_openmp_runtime(torch))
+        record = B.record_for(torch, compiler, shash, self.environ)
         folder = os.path.join(B.cache_root(self.environ), "jit", B.cache_key(record))
         library = os.path.join(folder, JIT_NAME + ".so")
         if _cached_record(folder) == record and os.path.isfile(library):
@@ -168,9 +166,7 @@ class Loader:
 
     def _build(self, folder, record, compiler, sources, why) -> None:
         from torch.utils import cpp_extension
-        openmp = B.choose_openmp(compiler.kind, record["openmp_runtime"],
-                                 lambda f, link: B.probe(compiler, f, link=link))
-        flags = B.compile_flags(debug=record["debug"], native=record["native"], openmp=openmp)
+        flags, openmp = B.flags_for(compiler, record)
         os.makedirs(folder, exist_ok=True)
         _note(f"selkd_kernels: {why}.\n"
               f"selkd_kernels: compiling the C++ CPU kernels for torch {torch.__version__} with "

@@ -249,9 +249,7 @@ from selkd_kernels import _build as B, _extension as E
 pkg = {str(tmp_path / 'pkg')!r}
 shutil.copytree({os.path.join(ROOT, 'csrc')!r}, os.path.join(pkg, '_csrc'))
 env = {{'SELKD_CACHE_DIR': {str(tmp_path / 'cache')!r}}}
-rec = B.build_record(torch, B.find_compiler(env), debug=False, native=False,
-                     sources=B.sources_hash(B.source_files(pkg)),
-                     openmp_runtime=B.torch_openmp_runtime(torch))
+rec = B.record_for(torch, B.find_compiler(env), B.sources_hash(B.source_files(pkg)), env)
 folder = os.path.join(B.cache_root(env), 'jit', B.cache_key(rec))
 os.makedirs(folder)
 shutil.copy({prebuilt!r}, os.path.join(folder, E.JIT_NAME + '.so'))
