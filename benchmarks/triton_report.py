@@ -167,6 +167,12 @@ def _innermost(loops):
             if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1] for o in loops)]
 
 
+def _nested(ins, loop):
+    """The innermost loops inside ``loop``, in address order."""
+    return sorted(_innermost([lp for lp in find_loops(ins) if lp != loop and loop[0] <= lp[0]
+                              and lp[1] <= loop[1]]))
+
+
 def _count(ins, opcodes) -> int:
     return sum(1 for i in ins if i[1] in opcodes)
 
@@ -182,8 +188,7 @@ def hot_loops(kind: str, ins) -> list[tuple[int, int]]:
         return []
     if kind in ("mma", "mma-outer"):
         cand = [lp for lp in loops if _count(_body(ins, lp), TC_OPS)]
-        inner = [lp for lp in cand if not any(o != lp and lp[0] <= o[0] and o[1] <= lp[1]
-                                              for o in cand)]
+        inner = _innermost(cand)
         if kind == "mma" or not inner:
             return inner[:1]
         parents = [lp for lp in cand if lp not in inner and lp[0] <= inner[0][0]
@@ -202,10 +207,7 @@ def hot_loops(kind: str, ins) -> list[tuple[int, int]]:
 def weighted_body(ins, loop, inner_trips) -> Counter:
     """Opcode counts of one trip of ``loop``, the loops nested in it counted ``inner_trips``
     times each (in address order)."""
-    nested = sorted(lp for lp in find_loops(ins) if lp != loop and loop[0] <= lp[0]
-                    and lp[1] <= loop[1])
-    nested = _innermost(nested) if nested else []
-    nested = sorted(nested)
+    nested = _nested(ins, loop)
     if inner_trips and len(nested) != len(inner_trips):
         raise RuntimeError(f"expected {len(inner_trips)} loops nested in the hot loop, found "
                            f"{len(nested)}: the kernel's structure changed, update HOT")
@@ -320,8 +322,7 @@ def _pipes(ins) -> dict:
 def _wgmma_units(ins, loop, inner_trips) -> float:
     """64 x 8 x 8 product units of the HGMMA instructions in ``loop`` (all code if None)."""
     body = ins if loop is None else _body(ins, loop)
-    nested = sorted(_innermost([lp for lp in find_loops(ins) if loop and lp != loop
-                                and loop[0] <= lp[0] and lp[1] <= loop[1]])) if loop else []
+    nested = _nested(ins, loop) if loop else []
     total = 0.0
     for addr, op, mods, _ in body:
         if op != "HGMMA":
@@ -381,19 +382,16 @@ def ot_records(workloads, dtypes, ops, cache, progress) -> tuple[list, list]:
                         sig = signature(cfg.fn, cfg.consts, dt, dt)
                         info = compile_config(cfg.fn, sig, cfg.consts, cfg.num_warps,
                                               cfg.num_stages)
-                        info.update(analyse(cfg.name, cfg.consts, cfg.num_warps, info["sass"]))
-                        cache[key] = info
-                    info = cache[key]
-                    if "per_trip_elem" not in info:
                         info.update(analyse(cfg.name, cfg.consts, cfg.num_warps, info["sass"],
                                             8 if dt == torch.float64 else 4))
-                        info["per_trip_elem"] = True
+                        cache[key] = info
+                    info = cache[key]
                     active = step.domain in ("any", domain)
                     cost = cost_record(info, cfg.num_warps)
                     us = TM.step_estimate_us(step, cost, n_iters=w.n_iters, n_checks=0, m=w.m,
                                              n=w.n, rows=T._rows_per_program(p), active=active)
                     total += us
-                    launches = {"once": 1, "per-iteration": w.n_iters, "per-check": 0}[step.repeat]
+                    launches = TM.launches_of(step, w.n_iters, 0)
                     records.append(_record(cfg, step, info, dict(estimated_us=round(us, 2),
                                                                  launches=launches),
                                            wname, op, dt, active, cost))
