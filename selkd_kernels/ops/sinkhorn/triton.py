@@ -469,10 +469,9 @@ class TritonBackend:
 
     def _call(self, a, b, cost, *, kd, eps, n_iters, tol, check_every, method, tau=1.0,
               teacher_grad=False):
-        cd = V.compute_dtype(a, b, cost)
         p = problem_for(a, b, cost, kd=kd, teacher_grad=teacher_grad, has_tol=tol is not None,
                         method=method)
-        return _solve(_Call(a, b, cost.to(cd), p, float(eps), int(n_iters),
+        return _solve(_Call(a, b, cost.to(p.dtype), p, float(eps), int(n_iters),
                             None if tol is None else float(tol), int(check_every), float(tau)))
 
     def solve(self, a, b, cost, *, eps, n_iters, tol=None, check_every=10, method="auto"):
