@@ -382,14 +382,13 @@ def _run_gemm(c: _Call, steps: dict, mats, lo, hi):
             u, v, active, bad, iters, p.B, p.m, p.n, c.scalar("zscale"), lo, hi, eps, rng)
     checks = set(_checks(c))
     for t in range(1, c.n_iters + 1):
-        _launch(steps["gemm-alpha"], v, *mats, pa, s, u, active, part, iters, tiles, p.n,
+        _launch(steps["gemm-alpha"], v, *mats, pa, s, u, active, part, iters, tiles,
                 int(t - 1 in checks), lo, hi, eps, tol, rng)
-        _launch(steps["gemm-beta"], u, *mats, pb, cc, v, active, part, iters, tiles, p.m, 0, lo,
-                hi, eps, tol, rng)
+        _launch(steps["gemm-beta"], u, *mats, pb, cc, v, active, part, iters, tiles, 0, lo, hi,
+                eps, tol, rng)
         if t in checks:
-            _launch(steps["gemm-check"], v, *mats, pa, u, active, part, tiles, p.n, lo, hi, eps,
-                    rng)
-    _launch(steps["gemm-finish-product"], v, *mats, u, r, p.n, lo, hi, eps, rng)
+            _launch(steps["gemm-check"], v, *mats, pa, u, active, part, tiles, lo, hi, eps, rng)
+    _launch(steps["gemm-finish-product"], v, *mats, u, r, lo, hi, eps, rng)
     _launch(steps["gemm-finish-rows"], pa, pb, s, cc, r, bad, iters, lo, hi, o["alpha"], o["beta"],
             o["loss"], o["iters"], o["err"], o["gt"], o["gs"], p.B, p.m, p.n, eps, c.scalar("unit"),
             c.scalar("inv_tau"), rng)

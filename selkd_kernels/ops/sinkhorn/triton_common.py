@@ -94,3 +94,13 @@ def domain_ok(lo_ptr, hi_ptr, eps_arg, max_range, DOMAIN: tl.constexpr):
     if DOMAIN == 2:
         run = ~use_standard_domain(lo, hi, eps_arg, max_range)
     return run, bad_cost
+
+
+@triton.jit
+def online_lse(run_max, run_sum, x, AXIS: tl.constexpr):
+    """One tile of an online log-sum-exp along AXIS."""
+    new_max = tl.maximum(run_max, tl.max(x, AXIS))
+    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
+    run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(tl.exp2(x - tl.expand_dims(safe, AXIS)),
+                                                         AXIS)
+    return new_max, run_sum

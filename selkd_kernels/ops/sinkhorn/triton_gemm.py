@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from .triton_common import domain_ok
-from .triton_rows import finish_rows, prepare_side, rows_tile
-from .triton_scaling import product
+from .triton_rows import finish_rows, prepare_side, rows_tile, store_rows_tile
+from .triton_scaling import half_update, product, tile_error
 
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "B", "m", "n", "n_tiles", "kdim", "CHECK")
 
@@ -79,7 +79,7 @@ def _block_active(active_ptr, r0, lr, part_ptr, n_tiles, tol, CHECK, BB: tl.cons
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
 def scaling_half_kernel(x_ptr, kh_ptr, kl_ptr, p_ptr, den_ptr, y_ptr, active_ptr, part_ptr,
-                        iters_ptr, n_tiles, kdim, CHECK, lo_ptr, hi_ptr, eps_arg: tl.float64,
+                        iters_ptr, n_tiles, CHECK, lo_ptr, hi_ptr, eps_arg: tl.float64,
                         tol_arg: tl.float64, max_range: tl.float64,
                         LDX: tl.constexpr, LDY: tl.constexpr, LDK: tl.constexpr,
                         BB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -102,11 +102,7 @@ def scaling_half_kernel(x_ptr, kh_ptr, kl_ptr, p_ptr, den_ptr, y_ptr, active_ptr
             cols = tl.program_id(1) * BT + tl.arange(0, BT)
             P = product(x_ptr, LDX, kh_ptr, kl_ptr, LDK, r0, lr, cols, BB, BT, BK, LDX, TRANS,
                         PRECISION, CD)
-            p = rows_tile(p_ptr, r0, lr, cols, LDY)
-            keep = active[:, None] & (cols < LDY)[None, :]
-            local = (r0 * LDY) + (lr[:, None] * LDY + cols[None, :])
-            tl.store(den_ptr + local, P, mask=keep)
-            tl.store(y_ptr + local, tl.where(p > 0, p / P, 0.0), mask=keep)
+            half_update(P, p_ptr, den_ptr, y_ptr, r0, lr, cols, active, LDY)
             if COUNT:
                 if tl.program_id(1) == 0:
                     tl.store((iters_ptr + r0) + lr, tl.load((iters_ptr + r0) + lr)
@@ -114,7 +110,7 @@ def scaling_half_kernel(x_ptr, kh_ptr, kl_ptr, p_ptr, den_ptr, y_ptr, active_ptr
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
-def check_partial_kernel(v_ptr, kh_ptr, kl_ptr, pa_ptr, u_ptr, active_ptr, part_ptr, n_tiles, n,
+def check_partial_kernel(v_ptr, kh_ptr, kl_ptr, pa_ptr, u_ptr, active_ptr, part_ptr, n_tiles,
                          lo_ptr, hi_ptr, eps_arg: tl.float64, max_range: tl.float64,
                          LDN: tl.constexpr, LDM: tl.constexpr, BB: tl.constexpr,
                          BT: tl.constexpr, BK: tl.constexpr, DOMAIN: tl.constexpr,
@@ -131,13 +127,12 @@ def check_partial_kernel(v_ptr, kh_ptr, kl_ptr, pa_ptr, u_ptr, active_ptr, part_
             cols = tl.program_id(1) * BT + tl.arange(0, BT)
             P = product(v_ptr, LDN, kh_ptr, kl_ptr, LDN, r0, lr, cols, BB, BT, BK, LDN, True,
                         PRECISION, CD)
-            A = rows_tile(pa_ptr, r0, lr, cols, LDM)
-            err = tl.sum(tl.abs(rows_tile(u_ptr, r0, lr, cols, LDM) * P - A), 1)
+            err = tile_error(P, pa_ptr, u_ptr, r0, lr, cols, LDM)
             tl.store((part_ptr + r0 * n_tiles) + (lr * n_tiles + tl.program_id(1)), err)
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)
-def finish_product_kernel(v_ptr, kh_ptr, kl_ptr, u_ptr, r_ptr, n, lo_ptr, hi_ptr,
+def finish_product_kernel(v_ptr, kh_ptr, kl_ptr, u_ptr, r_ptr, lo_ptr, hi_ptr,
                           eps_arg: tl.float64,
                           max_range: tl.float64, LDN: tl.constexpr, LDM: tl.constexpr,
                           BB: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
@@ -151,8 +146,8 @@ def finish_product_kernel(v_ptr, kh_ptr, kl_ptr, u_ptr, r_ptr, n, lo_ptr, hi_ptr
         cols = tl.program_id(1) * BT + tl.arange(0, BT)
         P = product(v_ptr, LDN, kh_ptr, kl_ptr, LDN, r0, lr, cols, BB, BT, BK, LDN, True,
                     PRECISION, CD)
-        local = (r0 * LDM) + (lr[:, None] * LDM + cols[None, :])
-        tl.store(r_ptr + local, tl.load(u_ptr + local) * P)
+        store_rows_tile(r_ptr, r0, lr, cols, LDM, rows_tile(u_ptr, r0, lr, cols, LDM) * P,
+                        lr >= 0)
 
 
 @triton.jit(do_not_specialize=DO_NOT_SPECIALIZE)

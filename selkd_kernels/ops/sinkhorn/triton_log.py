@@ -25,7 +25,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import domain_ok
+from .triton_common import count_bad, domain_ok, online_lse
 
 DO_NOT_SPECIALIZE = ("sa0", "sa1", "sb0", "sb1", "sm0", "sm1", "sm2", "B", "m", "n", "n_iters",
                      "check_every", "rows_per_prog")
@@ -78,16 +78,6 @@ def _cost_tile(c_row, s1, s2, oi, oj, mask, scale):
 
 
 @triton.jit
-def _online_lse(run_max, run_sum, x, AXIS: tl.constexpr):
-    """One tile of an online log-sum-exp along AXIS."""
-    new_max = tl.maximum(run_max, tl.max(x, AXIS))
-    safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-    run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(tl.exp2(x - tl.expand_dims(safe, AXIS)),
-                                                         AXIS)
-    return new_max, run_sum
-
-
-@triton.jit
 def _row_pass(a_row, sa1, c_row, s1, s2, f_row, g_row, lse_row, m, n, scale, zscale, shift_a,
               BM: tl.constexpr, BN: tl.constexpr, KD: tl.constexpr, CD: tl.constexpr):
     """``lse_i = LSE2_j(g_j - C_ij)`` for every i (stored) and ``||exp2(f + lse) - a||_1``."""
@@ -104,7 +94,7 @@ def _row_pass(a_row, sa1, c_row, s1, s2, f_row, g_row, lse_row, m, n, scale, zsc
             mj = oj < n
             g = tl.load(g_row + oj, mask=mj, other=float("-inf"))
             x = g[None, :] - _cost_tile(c_row, s1, s2, oi, oj, mi[:, None] & mj[None, :], scale)
-            run_max, run_sum = _online_lse(run_max, run_sum, x, 1)
+            run_max, run_sum = online_lse(run_max, run_sum, x, 1)
         lse = tl.where(run_max == float("-inf"), 0.0, run_max) + tl.log2(run_sum)
         tl.store(lse_row + oi, lse, mask=mi)
         f = tl.load(f_row + oi, mask=mi, other=float("-inf"))
@@ -142,7 +132,7 @@ def _beta_update(b_row, sb1, c_row, s1, s2, f_row, g_row, m, n, scale, zscale, s
             mi = oi < m
             f = tl.load(f_row + oi, mask=mi, other=float("-inf"))
             x = f[:, None] - _cost_tile(c_row, s1, s2, oi, oj, mi[:, None] & mj[None, :], scale)
-            run_max, run_sum = _online_lse(run_max, run_sum, x, 0)
+            run_max, run_sum = online_lse(run_max, run_sum, x, 0)
         lb, _, _ = _log_marginal(b_row, sb1, oj, mj, zscale, shift_b, KD, CD)
         lse = tl.where(run_max == float("-inf"), 0.0, run_max) + tl.log2(run_sum)
         tl.store(g_row + oj, tl.where(lb == float("-inf"), float("-inf"), lb - lse), mask=mj)
@@ -219,8 +209,7 @@ def _count_bad_cost(c_row, s1, s2, m, n, BM: tl.constexpr, BN: tl.constexpr):
             mask = (oi < m)[:, None] & (oj < n)[None, :]
             c = tl.load(c_row + oi[:, None].to(tl.int64) * s1 + oj[None, :].to(tl.int64) * s2,
                         mask=mask, other=0.0)
-            ok = (c == c) & (tl.abs(c) < float("inf"))
-            bad += tl.sum(tl.sum(tl.where(mask & ~ok, 1, 0), 1), 0)
+            bad += count_bad(c, mask)
     return bad
 
 

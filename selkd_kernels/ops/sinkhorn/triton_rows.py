@@ -9,6 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .triton_common import online_lse
+
 
 @triton.jit
 def rows_tile(ptr, r0, lr, cols, ld):
@@ -34,10 +36,7 @@ def row_softmax_scale(ptr, s0, s1, r0, lr, row_ok, size, zscale, BB: tl.constexp
         mask = row_ok[:, None] & (cols < size)[None, :]
         z = tl.load(ptr + (r0 + lr)[:, None].to(tl.int64) * s0 + cols[None, :].to(tl.int64) * s1,
                     mask=mask, other=float("-inf")).to(CD) * zscale
-        new_max = tl.maximum(run_max, tl.max(z, 1))
-        safe = tl.where(new_max == float("-inf"), 0.0, new_max)
-        run_sum = run_sum * tl.exp2(run_max - safe) + tl.sum(tl.exp2(z - safe[:, None]), 1)
-        run_max = new_max
+        run_max, run_sum = online_lse(run_max, run_sum, z, 1)
     return tl.where(run_max == float("-inf"), 0.0, run_max), run_max == float("-inf"), run_sum
 
 

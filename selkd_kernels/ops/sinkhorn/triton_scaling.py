@@ -137,18 +137,24 @@ def product(x_ptr, ld_x, kh_ptr, kl_ptr, ld_k, r0, lr, cols, BB: tl.constexpr,
 
 
 @triton.jit
+def tile_error(P, pa_ptr, u_ptr, r0, lr, cols, LD: tl.constexpr):
+    """Per row, ``sum |u * P - a|`` over the tile's columns, ``P = K v`` on that tile."""
+    A = rows_tile(pa_ptr, r0, lr, cols, LD)
+    return tl.sum(tl.abs(rows_tile(u_ptr, r0, lr, cols, LD) * P - A), 1)
+
+
+@triton.jit
 def _check(P, pa_ptr, u_ptr, r0, lr, oi, active, tol, BM: tl.constexpr):
     """Freeze the rows whose error after the last iteration, ``||u * (K v) - a||_1`` with this
     ``P = K v``, is at or below ``tol``."""
-    A = rows_tile(pa_ptr, r0, lr, oi, BM)
-    err = tl.sum(tl.abs(rows_tile(u_ptr, r0, lr, oi, BM) * P - A), 1)
+    err = tile_error(P, pa_ptr, u_ptr, r0, lr, oi, BM)
     # u is overwritten in place below: every old value must be read first
     tl.debug_barrier()
     return active & ~(err <= tol)
 
 
 @triton.jit
-def _half_update(P, p_ptr, den_ptr, y_ptr, r0, lr, cols, active, LD: tl.constexpr):
+def half_update(P, p_ptr, den_ptr, y_ptr, r0, lr, cols, active, LD: tl.constexpr):
     """Epilogue of a half-iteration: the new denominators ``P`` and scalings ``p / P`` (0 where
     ``p == 0``) of the active rows."""
     p = rows_tile(p_ptr, r0, lr, cols, LD)
@@ -209,11 +215,11 @@ def scaling_resident_kernel(
             if HAS_TOL:
                 if (t > 0) & ((t % check_every) == 0):
                     active = _check(P, pa_ptr, u_ptr, r0, lr, oi, active, tol, BM)
-            _half_update(P, pa_ptr, s_ptr, u_ptr, r0, lr, oi, active, BM)
+            half_update(P, pa_ptr, s_ptr, u_ptr, r0, lr, oi, active, BM)
             tl.debug_barrier()
             P = product(u_ptr, BM, kh_ptr, kl_ptr, BN, r0, lr, oj, BB, BN, BK, BM, False,
                         PRECISION, CD)
-            _half_update(P, pb_ptr, c_ptr, v_ptr, r0, lr, oj, active, BN)
+            half_update(P, pb_ptr, c_ptr, v_ptr, r0, lr, oj, active, BN)
             tl.debug_barrier()
             iters += active.to(tl.int32)
             t += 1
