@@ -73,6 +73,9 @@ import torch
 
 METHODS = ("exact", "bregman")
 FORMULATIONS = ("paper", "consistent")
+# The integer codes the compiled backends (C++ ops, Triton constexprs) take for them.
+METHOD_CODE = {"exact": 0, "bregman": 1}
+FORMULATION_CODE = {"paper": 0, "consistent": 1}
 # Smallest "not selected" probability 1 - sum_j P_ij the consistent loss takes the log of.
 NOT_SELECTED_FLOOR = 1e-6
 

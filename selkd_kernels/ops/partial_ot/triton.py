@@ -53,13 +53,12 @@ except Exception as exc:  # Triton is optional: the registry reports this backen
 from ... import _validation as V
 from ..triton_device import interpreting, triton_supports
 from . import reference as _ref
+from .reference import FORMULATION_CODE, METHOD_CODE
 
 
 # triton.jit reads the flag when a kernel is defined, so CPU tensors work only if it was set then
 _DEFINED_INTERPRETED = interpreting()
 
-METHOD_CODE = {"exact": 0, "bregman": 1}
-FORMULATION_CODE = {"paper": 0, "consistent": 1}
 # Sentinel rank of rows that are not candidates (larger than any batch).
 _BIG = tl.constexpr(2147483647)
 # Tile sizes: row blocks of the parallel kernels (float32, float64: the fused-loss row kernel
