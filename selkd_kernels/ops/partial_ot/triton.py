@@ -38,10 +38,8 @@ imported (the test suite's mode).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
-import numpy as np
 import torch
 
 try:
@@ -51,7 +49,7 @@ except Exception as exc:  # Triton is optional: the registry reports this backen
     raise ImportError(f"selkd_kernels.ops.partial_ot.triton needs Triton: {exc}") from exc
 
 from ... import _validation as V
-from ..triton_device import interpreting, triton_supports
+from ..triton_device import interpreting, quiet, triton_supports
 from . import reference as _ref
 from .reference import FORMULATION_CODE, METHOD_CODE
 
@@ -456,12 +454,6 @@ def _params(inv_eps: float, lam: float, floor: float, dtype: torch.dtype, device
     return torch.tensor([inv_eps, lam, floor], dtype=dtype, device=device)
 
 
-def _quiet():
-    # the interpreter evaluates masked-off lanes with numpy (log 0, inf - inf); the results are
-    # discarded by the masks, so its floating-point warnings are noise
-    return np.errstate(all="ignore") if interpreting() else contextlib.nullcontext()
-
-
 class _Solve:
     """Device buffers of one solve: l, rho, the saturated mask, (gamma_eff, k) and, for Alg. 1,
     the trajectory of round inputs."""
@@ -507,7 +499,7 @@ class PartialOTTritonBackend:
         blocks, warps = _blocks(m, k, cd), _num_warps()
         par = _params(1.0 / eps, 0.0, _ref.NOT_SELECTED_FLOOR, cd, z.device)
         log_p = torch.empty((m, k), dtype=cd, device=z.device)
-        with _quiet():
+        with quiet():
             s = _Solve(z, par, gamma, method, n_iters, blocks, warps)
             grid = (triton.cdiv(m, blocks["rows"]), triton.cdiv(k, blocks["cols"]))
             _log_p_kernel[grid](z, z.stride(0), z.stride(1), s.l, s.mx, s.lrel, s.rho, log_p, par,
@@ -531,7 +523,7 @@ class PartialOTTritonBackend:
         loss = torch.empty((), dtype=cd, device=dev)
         grad = torch.empty((m, k), dtype=cd, device=dev)
         br, bc = blocks["rows"], blocks["cols"]
-        with _quiet():
+        with quiet():
             ss = _Solve(zs, par, gamma, method, n_iters, blocks, warps)
             st = _Solve(zt, par, gamma, method, n_iters, blocks, warps)
             common = (zs, zs.stride(0), zs.stride(1), zt, zt.stride(0), zt.stride(1), y, ss.l,
