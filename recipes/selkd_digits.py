@@ -54,6 +54,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import selkd_kernels as sk  # noqa: E402
 from selkd_kernels.apps.training import accuracy, progress, train  # noqa: E402
+from selkd_kernels.ops.partial_ot.reference import not_selected_columns  # noqa: E402
 
 FEATURES = ("none", "fitnet", "at", "ft")
 METHODS = ("no-KD", "KD", "SelKD")
@@ -172,7 +173,7 @@ class Setting:
 
     @property
     def outputs(self) -> int:
-        return self.n + (1 if self.formulation == "paper" else 0)
+        return self.n + not_selected_columns(self.formulation)  # closed set (None): 0
 
 
 def make_loss(s: Setting, method: str, feature_loss, feature_weight, args):

@@ -320,7 +320,7 @@ def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels
         raise ValueError(f"teacher_scores must have shape {tuple(student_scores.shape)} like "
                          f"student_scores, got {tuple(teacher_scores.shape)}")
     m, k = student_scores.shape
-    n = k - 1 if formulation == "paper" else k
+    n = k - _po_ref.not_selected_columns(formulation)
     weight = V.check_nonnegative("weight", weight)
     if target is None:
         if isinstance(gamma, str):
@@ -376,7 +376,7 @@ def selkd_loss(student_logits, teacher_logits, target, selected_classes, *, open
     _check_pair(student_logits, teacher_logits)
     eps = V.check_positive("eps", eps)
     sel = check_selected(selected_classes)
-    want = sel.numel() + (1 if formulation == "paper" else 0)
+    want = sel.numel() + _po_ref.not_selected_columns(formulation)
     if student_logits.shape[1] != want:
         raise ValueError(f"student_logits must have {want} columns in the open set with "
                          f"formulation={formulation!r} (n = {sel.numel()} selected classes"
@@ -436,7 +436,7 @@ class SelKDLoss(torch.nn.Module):
     def num_outputs(self) -> int:
         """Student outputs expected: n (closed set, consistent open set) or n + 1 (paper's
         open set)."""
-        extra = 1 if self.open_set and self.formulation == "paper" else 0
+        extra = _po_ref.not_selected_columns(self.formulation) if self.open_set else 0
         return self.selected_classes.numel() + extra
 
     def forward(self, student_logits, teacher_logits, target=None):

@@ -71,10 +71,6 @@ class SelKDPrediction:
     sample_not_selected_score: Optional[torch.Tensor] = None
 
 
-def _num_selected(k: int, formulation: str) -> int:
-    return k - 1 if formulation == "paper" else k
-
-
 def selected_posterior(student_scores: torch.Tensor, *, formulation: str = "paper",
                        eps: float = 1.0, log_kappa=None) -> torch.Tensor:
     """Per-sample probability of "selected", independent of the batch (module docs).
@@ -189,7 +185,8 @@ def _resolve_test_gamma(gamma, student_scores, valid, labels, prior, formulation
         # at least a sliver of mass, so a batch EM calls empty of selected samples still solves
         return min(max(frac * m_valid, 1e-6), float(m)) if m_valid else 1.0
     if isinstance(gamma, str) and gamma == "labels":
-        return float(resolve_gamma(gamma, m, labels, _num_selected(k, formulation)))
+        n = k - _po_ref.not_selected_columns(formulation)
+        return float(resolve_gamma(gamma, m, labels, n))
     if isinstance(gamma, str):
         raise ValueError(f"gamma must be a number in (0, {m}], 'prior', 'em' or 'labels', got "
                          f"{gamma!r}")
@@ -234,7 +231,7 @@ def selkd_predict(student_scores: torch.Tensor, gamma, *, formulation: str = "pa
     if log_kappa is not None:
         log_kappa = _check_log_kappa(log_kappa)
     m, k = student_scores.shape
-    n = _num_selected(k, formulation)
+    n = k - _po_ref.not_selected_columns(formulation)
     cd = V.compute_dtype(student_scores)
     with torch.no_grad():
         z = student_scores.detach().to(cd)

@@ -80,6 +80,12 @@ FORMULATION_CODE = {"paper": 0, "consistent": 1}
 NOT_SELECTED_FLOOR = 1e-6
 
 
+def not_selected_columns(formulation) -> int:
+    """Student columns beyond the ``n`` selected classes: 1 for ``"paper"`` ("not selected" is
+    the last of ``k = n + 1``), 0 for ``"consistent"`` (``k = n``; and for the closed set)."""
+    return 1 if formulation == "paper" else 0
+
+
 def _as_gamma(gamma, like: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(gamma, dtype=like.dtype, device=like.device)
 
