@@ -41,9 +41,7 @@ class TorchBackend:
     def coupling(self, scores, *, gamma, eps, method, n_iters):
         z = scores.detach().to(V.compute_dtype(scores))
         with torch.no_grad():
-            log_p, rho, sat = _ref.log_coupling(z, gamma, eps, method, n_iters)
-            l = _ref.row_log_mass(z, eps)
-        return log_p, l, rho, sat
+            return _ref.coupling_parts(z, gamma, eps, method, n_iters)
 
     def loss_forward(self, student_scores, teacher_scores, target, *, gamma, eps, lam, method,
                      n_iters, formulation):
