@@ -80,6 +80,12 @@ def _is_finite(x):
 
 
 @triton.jit
+def _effective_gamma(g, count):
+    # reference.effective_gamma: min(gamma, #finite rows), NaN when none is finite or gamma <= 0
+    return tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+
+
+@triton.jit
 def _expm1(x):
     # Kahan's expm1 from exp and log (Triton has no expm1): accurate to a few ulps, also near 0
     u = tl.exp(x)
@@ -169,7 +175,7 @@ def _exact_candidates_kernel(l_ptr, gamma_ptr, rank_ptr, cand_ptr, m,
         tail += tl.sum(tl.exp(tl.where(after, lj2 - li2, float("-inf"))), axis=1)
     count = tl.sum(n_fin, axis=0).to(li.dtype)
     g = tl.load(gamma_ptr)
-    g_eff = tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+    g_eff = _effective_gamma(g, count)
     rem = g_eff - rank.to(li.dtype)
     good = fin_i & (rem > 0) & (rem <= tail)
     tl.store(rank_ptr + offs_i, tl.where(fin_i, rank, _BIG), mask=ok_i)
@@ -188,7 +194,7 @@ def _exact_finalize_kernel(l_ptr, rank_ptr, cand_ptr, gamma_ptr, rho_ptr, sat_pt
         kmin = tl.minimum(kmin, tl.load(cand_ptr + offs, mask=ok, other=_BIG))
         n_fin += (ok & _is_finite(tl.load(l_ptr + offs, mask=ok, other=float("nan")))).to(tl.int32)
     count = tl.sum(n_fin, axis=0).to(g.dtype)
-    g_eff = tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+    g_eff = _effective_gamma(g, count)
     k_first = tl.min(kmin, axis=0)
     # the one fallback formula of reference.fallback_saturated
     fallback = tl.maximum(tl.ceil(g_eff) - 1.0, 0.0)
@@ -232,7 +238,7 @@ def _bregman_kernel(l_ptr, gamma_ptr, traj_ptr, rho_ptr, info_ptr, m, n_iters,
         n_fin += (ok & _is_finite(l)).to(tl.int32)
         tl.store(traj_ptr + offs, l, mask=ok)
     count = tl.sum(n_fin, axis=0).to(g.dtype)
-    g_eff = tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+    g_eff = _effective_gamma(g, count)
     log_g = tl.log(g_eff)
     tl.debug_barrier()
     for t in range(0, n_iters):
