@@ -330,7 +330,7 @@ def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels
     else:
         y = V.check_labels("target", target, n=m, num_classes=n + 1, rows_of="student_scores")
     gamma = resolve_gamma(gamma, m, y, n)
-    be = get_partial_ot_backend(backend, student_scores.device, m)
+    be = get_partial_ot_backend(backend, student_scores.device)
     g = gamma_tensor(gamma, student_scores, teacher_scores)
     return _OpenSetLossFunction.apply(student_scores, teacher_scores.detach(), y, g, be, eps,
                                       float(weight), method, n_iters, formulation)

@@ -240,7 +240,7 @@ def selkd_predict(student_scores: torch.Tensor, gamma, *, formulation: str = "pa
     em_iters = V.check_positive_int("em_iters", em_iters)
     if log_kappa is not None:
         log_kappa = _check_log_kappa(log_kappa)
-    m, k = student_scores.shape
+    k = student_scores.shape[1]
     n = k - _po_ref.not_selected_columns(formulation)
     cd = V.compute_dtype(student_scores)
     with torch.no_grad():
@@ -248,7 +248,7 @@ def selkd_predict(student_scores: torch.Tensor, gamma, *, formulation: str = "pa
         l = _po_ref.row_log_mass(z, eps)
         g = _resolve_test_gamma(gamma, z, l, labels, prior, formulation, eps, log_kappa,
                                 em_iters)
-        be = get_partial_ot_backend(backend, student_scores.device, m)
+        be = get_partial_ot_backend(backend, student_scores.device)
         p = torch.exp(partial_ot_log(z, g, eps, method, n_iters, be))
         pred, not_sel = _batch_rule(p, n)
         s_pred, s_score = _sample_rule(z, l, formulation, eps, log_kappa, n)

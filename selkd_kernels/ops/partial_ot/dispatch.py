@@ -2,8 +2,7 @@
 
 Every backend object (the reference below, ``cpp.BACKEND``, ``triton.BACKEND``) has
 
-* ``name`` and ``supports(device) -> bool``, optionally ``max_rows`` (see
-  :mod:`selkd_kernels.ops.registry`);
+* ``name`` and ``supports(device) -> bool`` (see :mod:`selkd_kernels.ops.registry`);
 * ``coupling(scores, *, gamma, eps, method, n_iters) -> (log_p, l, rho, sat)``: ``log P`` (m, k),
   the row log-masses ``l`` of ``K = exp(Z / eps)``, the row log-masses ``rho`` of the coupling,
   and the saturated-row mask ``sat`` (exact method; None for ``"bregman"``);
@@ -59,10 +58,9 @@ REGISTRY = BackendRegistry(
     reference=TorchBackend())
 
 
-def get_backend(name: str, device, rows=None, rows_arg: str = "scores"):
-    """Resolve ``name`` ("auto" or explicit) for tensors on ``device`` and a batch of ``rows``
-    (``"auto"`` passes over a kernel whose ``max_rows`` is smaller)."""
-    return REGISTRY.resolve(name, device, rows, rows_arg)
+def get_backend(name: str, device):
+    """Resolve ``name`` ("auto" or explicit) for tensors on ``device``."""
+    return REGISTRY.resolve(name, device)
 
 
 def available_backends(device=None) -> list[str]:
