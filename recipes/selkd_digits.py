@@ -54,9 +54,9 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import selkd_kernels as sk  # noqa: E402
 from selkd_kernels.apps.training import accuracy, progress, train  # noqa: E402
+from selkd_kernels.ops.partial_ot.reference import not_selected_columns  # noqa: E402
 
 FEATURES = ("none", "fitnet", "at", "ft")
-METHODS = ("no-KD", "KD", "SelKD")
 FORMULATIONS = ("paper", "consistent")
 RULES = ("batch-prior", "batch-em", "per-sample")
 # Feature weights: RepDistiller's defaults (FitNet 100 x MSE, AT 1000 x mean over batch and
@@ -172,7 +172,7 @@ class Setting:
 
     @property
     def outputs(self) -> int:
-        return self.n + (1 if self.formulation == "paper" else 0)
+        return self.n + not_selected_columns(self.formulation)  # closed set (None): 0
 
 
 def make_loss(s: Setting, method: str, feature_loss, feature_weight, args):
@@ -334,23 +334,27 @@ def interval(values) -> dict:
     return {"mean": round(float(v.mean()), 2), "ci95": round(half, 2), "n": int(v.size)}
 
 
+def _key(r) -> tuple:
+    """``(setting, formulation, method, feature, rule)``: what a row (or a table row) is of."""
+    return r["setting"], r["formulation"], r["method"], r["feature"], r["rule"]
+
+
 def _per_seed(rows, key, metric):
     by = {}
     for r in rows:
-        if (r["setting"], r["formulation"], r["method"], r["feature"], r["rule"]) == key:
+        if _key(r) == key:
             by.setdefault(r["seed"], []).append(r["metrics"][metric])
     return {s: float(np.mean(v)) for s, v in sorted(by.items())}
 
 
 def summarise(rows, teacher_acc, runtime, cpu, args) -> dict:
-    keys = sorted({(r["setting"], r["formulation"] or "", r["method"], r["feature"], r["rule"])
-                   for r in rows})
+    # the closed set's formulation None sorts as ""
+    keys = sorted({_key(r) for r in rows}, key=lambda k: (k[0], k[1] or "", *k[2:]))
     table = []
-    for setting, form, method, feat, rule in keys:
-        key = (setting, form or None, method, feat, rule)
-        metrics = rows_metrics(rows, key)
-        table.append(dict(setting=setting, formulation=form or None, method=method,
-                          feature=feat, rule=rule, **metrics))
+    for key in keys:
+        setting, form, method, feat, rule = key
+        table.append(dict(setting=setting, formulation=form, method=method, feature=feat,
+                          rule=rule, **rows_metrics(rows, key)))
     return {"config": {k: v for k, v in vars(args).items() if k not in ("out", "no_progress")},
             "feature_weights": FEATURE_WEIGHT,
             "teacher_test_acc": {k: interval([t[k] for t in teacher_acc])
@@ -361,8 +365,7 @@ def summarise(rows, teacher_acc, runtime, cpu, args) -> dict:
 
 
 def rows_metrics(rows, key):
-    sample = next(r for r in rows if (r["setting"], r["formulation"], r["method"], r["feature"],
-                                      r["rule"]) == key)
+    sample = next(r for r in rows if _key(r) == key)
     names = list(sample["metrics"])
     return {m: interval(list(_per_seed(rows, key, m).values())) for m in names}
 
@@ -426,14 +429,12 @@ def markdown(res) -> str:
         return f"{r[m]['mean']:.1f} ± {r[m]['ci95']:.1f}"
 
     def find(setting, form, method, feat, rule):
-        return next(r for r in res["rows"] if (r["setting"], r["formulation"], r["method"],
-                                               r["feature"], r["rule"]) ==
-                    (setting, form, method, feat, rule))
+        return next(r for r in res["rows"] if _key(r) == (setting, form, method, feat, rule))
 
     def paper(setting, m, f):
         v = PAPER2[setting].get((m, f))
         return "-" if v is None else f"{v:.2f}"
-    grid = [("no-KD", "none")] + [(m, f) for m in ("KD", "SelKD") for f in FEATURES]
+    grid = list(_grid())
     out = ["| method | feature term | paper 2: CIFAR-10, Table 5 | ours: digits |",
            "|---|---|---|---|"]
     out += [f"| {m} | {f} | {paper('closed', m, f)} | "

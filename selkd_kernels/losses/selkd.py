@@ -320,7 +320,7 @@ def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels
         raise ValueError(f"teacher_scores must have shape {tuple(student_scores.shape)} like "
                          f"student_scores, got {tuple(teacher_scores.shape)}")
     m, k = student_scores.shape
-    n = k - 1 if formulation == "paper" else k
+    n = k - _po_ref.not_selected_columns(formulation)
     weight = V.check_nonnegative("weight", weight)
     if target is None:
         if isinstance(gamma, str):
@@ -330,7 +330,7 @@ def open_set_selkd_loss(student_scores, teacher_scores, target, *, gamma="labels
     else:
         y = V.check_labels("target", target, n=m, num_classes=n + 1, rows_of="student_scores")
     gamma = resolve_gamma(gamma, m, y, n)
-    be = get_partial_ot_backend(backend, student_scores.device, m)
+    be = get_partial_ot_backend(backend, student_scores.device)
     g = gamma_tensor(gamma, student_scores, teacher_scores)
     return _OpenSetLossFunction.apply(student_scores, teacher_scores.detach(), y, g, be, eps,
                                       float(weight), method, n_iters, formulation)
@@ -376,7 +376,7 @@ def selkd_loss(student_logits, teacher_logits, target, selected_classes, *, open
     _check_pair(student_logits, teacher_logits)
     eps = V.check_positive("eps", eps)
     sel = check_selected(selected_classes)
-    want = sel.numel() + (1 if formulation == "paper" else 0)
+    want = sel.numel() + _po_ref.not_selected_columns(formulation)
     if student_logits.shape[1] != want:
         raise ValueError(f"student_logits must have {want} columns in the open set with "
                          f"formulation={formulation!r} (n = {sel.numel()} selected classes"
@@ -436,7 +436,7 @@ class SelKDLoss(torch.nn.Module):
     def num_outputs(self) -> int:
         """Student outputs expected: n (closed set, consistent open set) or n + 1 (paper's
         open set)."""
-        extra = 1 if self.open_set and self.formulation == "paper" else 0
+        extra = _po_ref.not_selected_columns(self.formulation) if self.open_set else 0
         return self.selected_classes.numel() + extra
 
     def forward(self, student_logits, teacher_logits, target=None):

@@ -71,10 +71,6 @@ class SelKDPrediction:
     sample_not_selected_score: Optional[torch.Tensor] = None
 
 
-def _num_selected(k: int, formulation: str) -> int:
-    return k - 1 if formulation == "paper" else k
-
-
 def selected_posterior(student_scores: torch.Tensor, *, formulation: str = "paper",
                        eps: float = 1.0, log_kappa=None) -> torch.Tensor:
     """Per-sample probability of "selected", independent of the batch (module docs).
@@ -92,13 +88,23 @@ def selected_posterior(student_scores: torch.Tensor, *, formulation: str = "pape
     V.check_choice("formulation", formulation, set(_po_ref.FORMULATIONS))
     eps = V.check_positive("eps", eps)
     z = student_scores.detach().to(V.compute_dtype(student_scores))
+    return _selected_posterior(z, formulation, eps, log_kappa)
+
+
+def _selected_posterior(z, formulation, eps, log_kappa, l=None):
+    # selected_posterior of validated scores in the compute dtype; l: their row_log_mass if known
     if formulation == "paper":
         return 1.0 - torch.softmax(z / eps, dim=1)[:, -1]
     if log_kappa is None:
         raise ValueError("log_kappa must be given for the consistent formulation (the row mass "
                          "of a single sample needs a reference kappa: sk.selkd_log_kappa)")
     lk = _check_log_kappa(log_kappa)
-    return torch.exp(torch.clamp(_po_ref.row_log_mass(z, eps) + lk, max=0.0))
+    return _sample_mass(_po_ref.row_log_mass(z, eps) if l is None else l, lk)
+
+
+def _sample_mass(l, log_kappa: float):
+    # a single sample's coupling row mass against a reference kappa: min(exp(l + log kappa), 1)
+    return torch.exp(torch.clamp(l + log_kappa, max=0.0))
 
 
 def _check_log_kappa(log_kappa) -> float:
@@ -173,9 +179,10 @@ def em_selected_fraction(p_selected, prior, *, n_iters: int = 100, tol: float = 
     return pi
 
 
-def _resolve_test_gamma(gamma, student_scores, valid, labels, prior, formulation, eps,
+def _resolve_test_gamma(gamma, student_scores, l, labels, prior, formulation, eps,
                         log_kappa, em_iters):
     m, k = student_scores.shape
+    valid = torch.isfinite(l)
     m_valid = int(valid.sum())
     if isinstance(gamma, str) and gamma in ("prior", "em"):
         if prior is None:
@@ -183,13 +190,13 @@ def _resolve_test_gamma(gamma, student_scores, valid, labels, prior, formulation
                              f"samples in the training data)")
         frac = V.check_fraction("prior", prior)
         if gamma == "em":
-            post = selected_posterior(student_scores, formulation=formulation, eps=eps,
-                                      log_kappa=log_kappa)
+            post = _selected_posterior(student_scores, formulation, eps, log_kappa, l)
             frac = em_selected_fraction(post[valid.to(post.device)], frac, n_iters=em_iters)
         # at least a sliver of mass, so a batch EM calls empty of selected samples still solves
         return min(max(frac * m_valid, 1e-6), float(m)) if m_valid else 1.0
     if isinstance(gamma, str) and gamma == "labels":
-        return float(resolve_gamma(gamma, m, labels, _num_selected(k, formulation)))
+        n = k - _po_ref.not_selected_columns(formulation)
+        return float(resolve_gamma(gamma, m, labels, n))
     if isinstance(gamma, str):
         raise ValueError(f"gamma must be a number in (0, {m}], 'prior', 'em' or 'labels', got "
                          f"{gamma!r}")
@@ -233,18 +240,18 @@ def selkd_predict(student_scores: torch.Tensor, gamma, *, formulation: str = "pa
     em_iters = V.check_positive_int("em_iters", em_iters)
     if log_kappa is not None:
         log_kappa = _check_log_kappa(log_kappa)
-    m, k = student_scores.shape
-    n = _num_selected(k, formulation)
+    k = student_scores.shape[1]
+    n = k - _po_ref.not_selected_columns(formulation)
     cd = V.compute_dtype(student_scores)
     with torch.no_grad():
         z = student_scores.detach().to(cd)
-        valid = torch.isfinite(_po_ref.row_log_mass(z, eps))
-        g = _resolve_test_gamma(gamma, z, valid, labels, prior, formulation, eps, log_kappa,
+        l = _po_ref.row_log_mass(z, eps)
+        g = _resolve_test_gamma(gamma, z, l, labels, prior, formulation, eps, log_kappa,
                                 em_iters)
-        be = get_partial_ot_backend(backend, student_scores.device, m)
+        be = get_partial_ot_backend(backend, student_scores.device)
         p = torch.exp(partial_ot_log(z, g, eps, method, n_iters, be))
         pred, not_sel = _batch_rule(p, n)
-        s_pred, s_score = _sample_rule(z, formulation, eps, log_kappa, n)
+        s_pred, s_score = _sample_rule(z, l, formulation, eps, log_kappa, n)
     bad = ~torch.isfinite(not_sel)
     pred = torch.where(bad, torch.full_like(pred, INVALID), pred)
     if s_pred is not None:
@@ -264,14 +271,13 @@ def _batch_rule(p: torch.Tensor, n: int):
     return pred, not_sel
 
 
-def _sample_rule(z, formulation, eps, log_kappa, n):
+def _sample_rule(z, l, formulation, eps, log_kappa, n):
     if formulation == "paper":
         soft = torch.softmax(z / eps, dim=1)
         return torch.nan_to_num(soft, nan=-1.0).argmax(1), soft[:, n]
     if log_kappa is None:
         return None, None
-    l = _po_ref.row_log_mass(z, eps)
-    mass = torch.exp(torch.clamp(l + log_kappa, max=0.0))
+    mass = _sample_mass(l, log_kappa)
     p = torch.softmax(z / eps, dim=1) * mass.unsqueeze(1)
     return _argmax_with_slack(p, n), 1.0 - mass
 

@@ -8,11 +8,10 @@ Every op (``ops/<op>/``) owns one :class:`BackendRegistry`, built in its ``dispa
 * the order in which ``backend="auto"`` tries them, per device type.
 
 A backend object has ``name``, ``supports(device) -> bool`` (whether it runs on tensors of that
-device here and now), optionally ``max_rows`` (a kernel that holds the whole batch in one
-program), optionally ``expected_speedup(problem) -> float | None`` (its estimated speed over the
-reference backend on the same device for the call described by ``problem``, an op-defined
-description built from shapes and arguments only; None: no estimate), and the op's methods, all
-taking keyword arguments after the tensors. Inputs arrive
+device here and now), optionally ``expected_speedup(problem) -> float | None`` (its estimated
+speed over the reference backend on the same device for the call described by ``problem``, an
+op-defined description built from shapes and arguments only; None: no estimate), and the op's
+methods, all taking keyword arguments after the tensors. Inputs arrive
 validated; a backend returns results in the compute dtype (:func:`selkd_kernels._validation.
 compute_dtype`). A compiled backend whose module fails to import (extension not built, Triton
 missing) is unavailable, nothing more: ``"auto"`` falls back to the next entry with one warning
@@ -100,16 +99,9 @@ class BackendRegistry:
             for name in self.auto_order.get(dev.type, ()):
                 self.load(name)
 
-    @staticmethod
-    def _fits(be, rows) -> bool:
-        limit = getattr(be, "max_rows", None)
-        return rows is None or limit is None or rows <= limit
-
-    def resolve(self, name: str, device: torch.device, rows: int | None = None,
-                rows_arg: str = "input", problem=None):
-        """The backend for ``name`` ("auto" or explicit) on ``device``, for a batch of ``rows``
-        (``rows_arg`` names the argument that has them, for the error message); ``problem``
-        (optional) describes the call for the backends' ``expected_speedup``."""
+    def resolve(self, name: str, device: torch.device, problem=None):
+        """The backend for ``name`` ("auto" or explicit) on ``device``; ``problem`` (optional)
+        describes the call for the backends' ``expected_speedup``."""
         check_backend_name(name)
         if name == "auto":
             forced = os.environ.get(ENV_VAR, "").strip().lower()
@@ -117,8 +109,8 @@ class BackendRegistry:
                 if forced not in BACKEND_NAMES:
                     raise ValueError(f"environment variable {ENV_VAR} must be one of "
                                      f"{list(BACKEND_NAMES)} or 'auto', got {forced!r}")
-                return self.resolve(forced, device, rows, rows_arg)
-            return self._auto(device, rows, problem)
+                return self.resolve(forced, device)
+            return self._auto(device, problem)
         be = self.load(name)
         if be is None:
             raise ValueError(f"backend {name!r} is not available for {self.op} here: "
@@ -126,9 +118,6 @@ class BackendRegistry:
         if not be.supports(device):
             raise ValueError(f"backend {name!r} cannot run {self.op} on {device.type} tensors "
                              f"here")
-        if not self._fits(be, rows):
-            raise ValueError(f"{rows_arg} has {rows} rows but backend {name!r} handles at most "
-                             f"{be.max_rows} per call for {self.op}; use backend='auto'")
         return be
 
     @staticmethod
@@ -138,7 +127,7 @@ class BackendRegistry:
             return None
         return hook(problem)
 
-    def explain(self, device, rows=None, problem=None) -> list[tuple[str, str]]:
+    def explain(self, device, problem=None) -> list[tuple[str, str]]:
         """``(backend, verdict)`` for every entry of the ``"auto"`` order on ``device``, in
         order, the first verdict ``"picked"``: why ``"auto"`` chooses what it chooses."""
         device = torch.device(device)
@@ -148,9 +137,6 @@ class BackendRegistry:
             if be is None or not be.supports(device):
                 why = self._failed.get(cand, f"does not run on {device.type} tensors here")
                 out.append((cand, f"unavailable: {why}"))
-                continue
-            if not self._fits(be, rows):
-                out.append((cand, f"skipped: at most {be.max_rows} rows"))
                 continue
             speed = self._speedup(be, problem)
             if speed is not None and speed < 1.0 and cand != "torch":
@@ -163,12 +149,10 @@ class BackendRegistry:
             out.append(("torch", "picked (fallback)"))
         return out
 
-    def _auto(self, device: torch.device, rows, problem=None):
+    def _auto(self, device: torch.device, problem=None):
         for cand in self.auto_order.get(device.type, ("torch",)):
             be = self.load(cand)
             if be is not None and be.supports(device):
-                if not self._fits(be, rows):
-                    continue  # a size limit of that kernel, not a missing backend: no warning
                 speed = self._speedup(be, problem)
                 if speed is not None and speed < 1.0 and cand != "torch":
                     continue  # expected slower than the reference for this call: no warning

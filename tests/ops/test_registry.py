@@ -14,11 +14,9 @@ CPU = torch.device("cpu")
 
 
 class _Backend:
-    def __init__(self, name, devices=("cpu",), max_rows=None):
+    def __init__(self, name, devices=("cpu",)):
         self.name = name
         self._devices = devices
-        if max_rows is not None:
-            self.max_rows = max_rows
 
     def supports(self, device):
         return torch.device(device).type in self._devices
@@ -87,16 +85,6 @@ def test_explicit_unavailable_backend_raises_with_the_reason(monkeypatch):
         reg.resolve("triton", CPU)
     assert "ModuleNotFoundError" in reg.unavailable_reason("cpp")
     assert reg.unavailable_reason("torch") is None
-
-
-def test_row_limit_is_skipped_by_auto_and_an_error_when_named(monkeypatch):
-    reg = _registry(monkeypatch, cpp=_Backend("cpp", max_rows=8), triton=_Backend("triton"))
-    assert reg.resolve("auto", CPU, rows=8).name == "cpp"
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a size limit is not a missing backend: no warning
-        assert reg.resolve("auto", CPU, rows=9).name == "triton"
-    with pytest.raises(ValueError, match=r"^scores has 9 rows but backend 'cpp'"):
-        reg.resolve("cpp", CPU, rows=9, rows_arg="scores")
 
 
 def test_environment_variable_forces_auto(monkeypatch):

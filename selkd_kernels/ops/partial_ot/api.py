@@ -163,7 +163,7 @@ def partial_ot(scores: torch.Tensor, gamma, *, eps: float = 1.0, method: str = "
             V.check_labels("labels", labels, n=m, num_classes=k, rows_of="scores")
     gamma = resolve_gamma(gamma, m, labels, k - 1)
     log_p = partial_ot_log(scores, gamma, eps, method, n_iters,
-                           get_backend(backend, scores.device, m))
+                           get_backend(backend, scores.device))
     return log_p if log else torch.exp(log_p)
 
 

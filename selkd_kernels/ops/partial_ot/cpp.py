@@ -14,11 +14,9 @@ import torch
 from ... import _extension
 from ... import _validation as V
 from . import reference as _ref
+from .reference import FORMULATION_CODE, METHOD_CODE
 
 _extension.require_ops("partial_ot_coupling", "partial_ot_loss")
-
-METHOD_CODE = {"exact": 0, "bregman": 1}
-FORMULATION_CODE = {"paper": 0, "consistent": 1}
 
 
 def _register_fakes():

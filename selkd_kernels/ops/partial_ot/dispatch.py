@@ -2,8 +2,7 @@
 
 Every backend object (the reference below, ``cpp.BACKEND``, ``triton.BACKEND``) has
 
-* ``name`` and ``supports(device) -> bool``, optionally ``max_rows`` (see
-  :mod:`selkd_kernels.ops.registry`);
+* ``name`` and ``supports(device) -> bool`` (see :mod:`selkd_kernels.ops.registry`);
 * ``coupling(scores, *, gamma, eps, method, n_iters) -> (log_p, l, rho, sat)``: ``log P`` (m, k),
   the row log-masses ``l`` of ``K = exp(Z / eps)``, the row log-masses ``rho`` of the coupling,
   and the saturated-row mask ``sat`` (exact method; None for ``"bregman"``);
@@ -41,9 +40,7 @@ class TorchBackend:
     def coupling(self, scores, *, gamma, eps, method, n_iters):
         z = scores.detach().to(V.compute_dtype(scores))
         with torch.no_grad():
-            log_p, rho, sat = _ref.log_coupling(z, gamma, eps, method, n_iters)
-            l = _ref.row_log_mass(z, eps)
-        return log_p, l, rho, sat
+            return _ref.coupling_parts(z, gamma, eps, method, n_iters)
 
     def loss_forward(self, student_scores, teacher_scores, target, *, gamma, eps, lam, method,
                      n_iters, formulation):
@@ -61,10 +58,9 @@ REGISTRY = BackendRegistry(
     reference=TorchBackend())
 
 
-def get_backend(name: str, device, rows=None, rows_arg: str = "scores"):
-    """Resolve ``name`` ("auto" or explicit) for tensors on ``device`` and a batch of ``rows``
-    (``"auto"`` passes over a kernel whose ``max_rows`` is smaller)."""
-    return REGISTRY.resolve(name, device, rows, rows_arg)
+def get_backend(name: str, device):
+    """Resolve ``name`` ("auto" or explicit) for tensors on ``device``."""
+    return REGISTRY.resolve(name, device)
 
 
 def available_backends(device=None) -> list[str]:

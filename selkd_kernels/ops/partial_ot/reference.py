@@ -73,8 +73,17 @@ import torch
 
 METHODS = ("exact", "bregman")
 FORMULATIONS = ("paper", "consistent")
+# The integer codes the compiled backends (C++ ops, Triton constexprs) take for them.
+METHOD_CODE = {"exact": 0, "bregman": 1}
+FORMULATION_CODE = {"paper": 0, "consistent": 1}
 # Smallest "not selected" probability 1 - sum_j P_ij the consistent loss takes the log of.
 NOT_SELECTED_FLOOR = 1e-6
+
+
+def not_selected_columns(formulation) -> int:
+    """Student columns beyond the ``n`` selected classes: 1 for ``"paper"`` ("not selected" is
+    the last of ``k = n + 1``), 0 for ``"consistent"`` (``k = n``; and for the closed set)."""
+    return 1 if formulation == "paper" else 0
 
 
 def _as_gamma(gamma, like: torch.Tensor) -> torch.Tensor:
@@ -203,9 +212,10 @@ def _nan_if_unsolvable(rho: torch.Tensor, l: torch.Tensor, gamma) -> torch.Tenso
     return torch.where(torch.isnan(g_eff), torch.full_like(rho, math.nan), rho)
 
 
-def log_coupling(scores: torch.Tensor, gamma, eps: float, method: str = "exact",
-                 n_iters: int = 10):
-    """``(log P, rho, sat)`` for one batch; ``sat`` is the saturated mask (exact) or None."""
+def coupling_parts(scores: torch.Tensor, gamma, eps: float, method: str = "exact",
+                   n_iters: int = 10):
+    """``(log P, l, rho, sat)`` for one batch: :func:`log_coupling` and the row log-masses ``l``
+    (:func:`row_log_mass`) it was solved from, the backends' ``coupling`` outputs."""
     l = row_log_mass(scores, eps)
     if method == "exact":
         rho, sat, _ = rho_exact(l, gamma)
@@ -214,7 +224,14 @@ def log_coupling(scores: torch.Tensor, gamma, eps: float, method: str = "exact",
     else:
         raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
     rho = _nan_if_unsolvable(rho, l, gamma)
-    return log_p_from(scores, eps, l, rho), rho, sat
+    return log_p_from(scores, eps, l, rho), l, rho, sat
+
+
+def log_coupling(scores: torch.Tensor, gamma, eps: float, method: str = "exact",
+                 n_iters: int = 10):
+    """``(log P, rho, sat)`` for one batch; ``sat`` is the saturated mask (exact) or None."""
+    log_p, _, rho, sat = coupling_parts(scores, gamma, eps, method, n_iters)
+    return log_p, rho, sat
 
 
 def log_p_from(scores: torch.Tensor, eps: float, l: torch.Tensor, rho: torch.Tensor):
@@ -263,15 +280,24 @@ def open_set_loss(student_scores: torch.Tensor, teacher_scores: torch.Tensor,
     with torch.no_grad():
         log_pt, rho_t, _ = log_coupling(teacher_scores.detach(), gamma, eps, method, n_iters)
         p_t = torch.exp(log_pt)
-    m, k = student_scores.shape
-    Y, y_ns = label_weights(target, k, formulation, log_ps.dtype)
+    rows, _, _ = loss_rows(log_ps, rho_s, p_t, rho_t, target, lam, formulation)
+    return rows.sum() / student_scores.shape[0]
+
+
+def loss_rows(log_ps, rho_s, p_t, rho_t, target, lam, formulation):
+    """``(rows, W, w0)``: each row's open-set loss (module docs, before the ``1/m``), the weights
+    ``W = Y + lam P_T`` of ``log P_S`` and, for the consistent formulation, the weights
+    ``w0 = Y_n + lam (1 - sum_j P_T,ij)`` of ``log(1 - sum_j P_S,ij)`` (None for ``"paper"``).
+    The one place :func:`open_set_loss` and :func:`loss_and_grad` form the loss."""
+    Y, y_ns = label_weights(target, log_ps.shape[1], formulation, log_ps.dtype)
     W = Y + lam * p_t
     # 0 * log(0) from an underflowed teacher entry contributes nothing
     rows = -torch.where(W != 0, W * log_ps, torch.zeros_like(log_ps)).sum(1)
+    w0 = None
     if formulation == "consistent":
         w0 = y_ns + lam * torch.clamp(-torch.expm1(rho_t), min=0.0)
         rows = rows - w0 * log_not_selected(rho_s)
-    return rows.sum() / m
+    return rows, W, w0
 
 
 # ---- closed-form derivatives (what every backend's backward computes) --------------------------
@@ -327,18 +353,11 @@ def loss_and_grad(student_scores, teacher_scores, target, gamma, eps, lam, metho
     """``(loss, dloss/dstudent_scores)`` of :func:`open_set_loss` in closed form, without
     autograd (the torch backend's fused forward; the compiled kernels compute the same)."""
     zs, zt = student_scores.detach(), teacher_scores.detach()
-    m, k = zs.shape
-    ls = row_log_mass(zs, eps)
-    log_ps, rho_s, sat_s = log_coupling(zs, gamma, eps, method, n_iters)
+    m = zs.shape[0]
+    log_ps, ls, rho_s, sat_s = coupling_parts(zs, gamma, eps, method, n_iters)
     log_pt, rho_t, _ = log_coupling(zt, gamma, eps, method, n_iters)
     p_t = torch.exp(log_pt)
-    Y, y_ns = label_weights(target, k, formulation, log_ps.dtype)
-    W = Y + lam * p_t
-    rows = -torch.where(W != 0, W * log_ps, torch.zeros_like(log_ps)).sum(1)
-    grad_rho = None
-    if formulation == "consistent":
-        w0 = y_ns + lam * torch.clamp(-torch.expm1(rho_t), min=0.0)
-        rows = rows - w0 * log_not_selected(rho_s)
-        grad_rho = -(w0 / m) * d_log_not_selected(rho_s)
+    rows, W, w0 = loss_rows(log_ps, rho_s, p_t, rho_t, target, lam, formulation)
+    grad_rho = None if w0 is None else -(w0 / m) * d_log_not_selected(rho_s)
     grad = grad_scores(eps, log_ps, ls, rho_s, sat_s, gamma, method, n_iters, -W / m, grad_rho)
     return rows.sum() / m, grad

@@ -38,10 +38,8 @@ imported (the test suite's mode).
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 
-import numpy as np
 import torch
 
 try:
@@ -51,15 +49,14 @@ except Exception as exc:  # Triton is optional: the registry reports this backen
     raise ImportError(f"selkd_kernels.ops.partial_ot.triton needs Triton: {exc}") from exc
 
 from ... import _validation as V
-from ..triton_device import interpreting, triton_supports
+from ..triton_device import interpreting, quiet, triton_supports
 from . import reference as _ref
+from .reference import FORMULATION_CODE, METHOD_CODE
 
 
 # triton.jit reads the flag when a kernel is defined, so CPU tensors work only if it was set then
 _DEFINED_INTERPRETED = interpreting()
 
-METHOD_CODE = {"exact": 0, "bregman": 1}
-FORMULATION_CODE = {"paper": 0, "consistent": 1}
 # Sentinel rank of rows that are not candidates (larger than any batch).
 _BIG = tl.constexpr(2147483647)
 # Tile sizes: row blocks of the parallel kernels (float32, float64: the fused-loss row kernel
@@ -80,6 +77,12 @@ def _jit(fn):
 @triton.jit
 def _is_finite(x):
     return (x - x) == 0.0
+
+
+@triton.jit
+def _effective_gamma(g, count):
+    # reference.effective_gamma: min(gamma, #finite rows), NaN when none is finite or gamma <= 0
+    return tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
 
 
 @triton.jit
@@ -172,7 +175,7 @@ def _exact_candidates_kernel(l_ptr, gamma_ptr, rank_ptr, cand_ptr, m,
         tail += tl.sum(tl.exp(tl.where(after, lj2 - li2, float("-inf"))), axis=1)
     count = tl.sum(n_fin, axis=0).to(li.dtype)
     g = tl.load(gamma_ptr)
-    g_eff = tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+    g_eff = _effective_gamma(g, count)
     rem = g_eff - rank.to(li.dtype)
     good = fin_i & (rem > 0) & (rem <= tail)
     tl.store(rank_ptr + offs_i, tl.where(fin_i, rank, _BIG), mask=ok_i)
@@ -191,7 +194,7 @@ def _exact_finalize_kernel(l_ptr, rank_ptr, cand_ptr, gamma_ptr, rho_ptr, sat_pt
         kmin = tl.minimum(kmin, tl.load(cand_ptr + offs, mask=ok, other=_BIG))
         n_fin += (ok & _is_finite(tl.load(l_ptr + offs, mask=ok, other=float("nan")))).to(tl.int32)
     count = tl.sum(n_fin, axis=0).to(g.dtype)
-    g_eff = tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+    g_eff = _effective_gamma(g, count)
     k_first = tl.min(kmin, axis=0)
     # the one fallback formula of reference.fallback_saturated
     fallback = tl.maximum(tl.ceil(g_eff) - 1.0, 0.0)
@@ -235,7 +238,7 @@ def _bregman_kernel(l_ptr, gamma_ptr, traj_ptr, rho_ptr, info_ptr, m, n_iters,
         n_fin += (ok & _is_finite(l)).to(tl.int32)
         tl.store(traj_ptr + offs, l, mask=ok)
     count = tl.sum(n_fin, axis=0).to(g.dtype)
-    g_eff = tl.where((g > 0) & (count > 0), tl.minimum(g, count), float("nan"))
+    g_eff = _effective_gamma(g, count)
     log_g = tl.log(g_eff)
     tl.debug_barrier()
     for t in range(0, n_iters):
@@ -457,12 +460,6 @@ def _params(inv_eps: float, lam: float, floor: float, dtype: torch.dtype, device
     return torch.tensor([inv_eps, lam, floor], dtype=dtype, device=device)
 
 
-def _quiet():
-    # the interpreter evaluates masked-off lanes with numpy (log 0, inf - inf); the results are
-    # discarded by the masks, so its floating-point warnings are noise
-    return np.errstate(all="ignore") if interpreting() else contextlib.nullcontext()
-
-
 class _Solve:
     """Device buffers of one solve: l, rho, the saturated mask, (gamma_eff, k) and, for Alg. 1,
     the trajectory of round inputs."""
@@ -508,7 +505,7 @@ class PartialOTTritonBackend:
         blocks, warps = _blocks(m, k, cd), _num_warps()
         par = _params(1.0 / eps, 0.0, _ref.NOT_SELECTED_FLOOR, cd, z.device)
         log_p = torch.empty((m, k), dtype=cd, device=z.device)
-        with _quiet():
+        with quiet():
             s = _Solve(z, par, gamma, method, n_iters, blocks, warps)
             grid = (triton.cdiv(m, blocks["rows"]), triton.cdiv(k, blocks["cols"]))
             _log_p_kernel[grid](z, z.stride(0), z.stride(1), s.l, s.mx, s.lrel, s.rho, log_p, par,
@@ -532,7 +529,7 @@ class PartialOTTritonBackend:
         loss = torch.empty((), dtype=cd, device=dev)
         grad = torch.empty((m, k), dtype=cd, device=dev)
         br, bc = blocks["rows"], blocks["cols"]
-        with _quiet():
+        with quiet():
             ss = _Solve(zs, par, gamma, method, n_iters, blocks, warps)
             st = _Solve(zt, par, gamma, method, n_iters, blocks, warps)
             common = (zs, zs.stride(0), zs.stride(1), zt, zt.stride(0), zt.stride(1), y, ss.l,

@@ -39,7 +39,6 @@ in Triton's interpreter on CPU tensors and :meth:`TritonBackend.supports` accept
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass, field
@@ -52,7 +51,7 @@ except Exception as exc:  # Triton is optional: the registry reports this backen
     raise ImportError(f"selkd_kernels.ops.sinkhorn.triton needs Triton: {exc}") from exc
 
 from ... import _validation as V
-from ..triton_device import interpreting, triton_supports
+from ..triton_device import interpreting, quiet, triton_supports
 from . import reference as _ref
 from . import triton_gemm as TG
 from . import triton_log as TLOG
@@ -279,21 +278,6 @@ def _f64(x: float):
     return tl.tensor(TensorHandle(np.array([x], dtype=np.float64), tl.float64), tl.float64)
 
 
-@contextlib.contextmanager
-def _quiet():
-    # the interpreter evaluates masked-off lanes with numpy (log 0, inf - inf, 0 / 0, max of an
-    # all-NaN padding slice); the masks discard those results, so its warnings are noise
-    if not interpreting():
-        yield
-        return
-    import warnings
-
-    import numpy as np
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
-
-
 def _launch(step: Step, *args):
     cfg = step.config
     cfg.fn[step.grid](*args, **cfg.consts, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
@@ -437,7 +421,7 @@ def _solve(c: _Call):
     lo = hi = c.out["loss"]  # not read unless a kernel needs min M / max M
     if "kernel-matrix" in steps or any(s.config.consts.get("DOMAIN", 0) for s in steps.values()):
         lo, hi = torch.aminmax(c.cost)
-    with _quiet():
+    with quiet(runtime_warnings=True):
         if "kernel-matrix" in steps:
             mats = _run_kernel_matrix(c, steps["kernel-matrix"], lo, hi)
             if "scaling-resident" in steps:

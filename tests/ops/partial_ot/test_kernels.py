@@ -201,7 +201,7 @@ def test_triton_has_no_row_cap():
                                        n_iters=10)
         want, rho_r, _ = R.log_coupling(z, 0.37 * m, 1.0, method, 10)
         assert_close(log_p, want, rtol=1e-10, atol=1e-11, name=f"log P ({method})")
-    assert PO.get_backend("auto", torch.device(DEVICE), m).name != "torch"
+    assert PO.get_backend("auto", torch.device(DEVICE)).name != "torch"
 
 
 def test_cpp_large_batch():
