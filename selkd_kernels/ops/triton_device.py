@@ -31,7 +31,7 @@ def quiet(runtime_warnings: bool = False):
     The interpreter evaluates masked-off lanes with numpy (log 0, inf - inf, 0 / 0, max of an
     all-NaN padding slice); the masks discard those results, so numpy's floating-point errors
     are noise and are ignored (``np.errstate(all="ignore")``). With ``runtime_warnings`` the
-    ``RuntimeWarning``\ s numpy raises through :mod:`warnings` (e.g. an all-NaN slice) are
+    ``RuntimeWarning`` warnings numpy raises through :mod:`warnings` (e.g. an all-NaN slice) are
     ignored too.
     """
     if not interpreting():
