@@ -127,34 +127,40 @@ class BackendRegistry:
             return None
         return hook(problem)
 
+    def _candidates(self, device, problem):
+        """``(name, backend or None if it cannot run here, expected speed-up, slower)`` along
+        the ``"auto"`` order, lazily: ``"auto"`` stops at its pick, :meth:`explain` goes on."""
+        for cand in self.auto_order.get(device.type, ("torch",)):
+            be = self.load(cand)
+            if be is None or not be.supports(device):
+                yield cand, None, None, False
+                continue
+            speed = self._speedup(be, problem)
+            yield cand, be, speed, speed is not None and speed < 1.0 and cand != "torch"
+
     def explain(self, device, problem=None) -> list[tuple[str, str]]:
         """``(backend, verdict)`` for every entry of the ``"auto"`` order on ``device``, in
         order, the first verdict ``"picked"``: why ``"auto"`` chooses what it chooses."""
         device = torch.device(device)
         out, picked = [], False
-        for cand in self.auto_order.get(device.type, ("torch",)):
-            be = self.load(cand)
-            if be is None or not be.supports(device):
+        for cand, be, speed, slower in self._candidates(device, problem):
+            if be is None:
                 why = self._failed.get(cand, f"does not run on {device.type} tensors here")
                 out.append((cand, f"unavailable: {why}"))
-                continue
-            speed = self._speedup(be, problem)
-            if speed is not None and speed < 1.0 and cand != "torch":
+            elif slower:
                 out.append((cand, f"skipped: expected {speed:.2f}x the reference's speed"))
-                continue
-            note = "" if speed is None else f" (expected {speed:.2f}x the reference's speed)"
-            out.append((cand, ("picked" if not picked else "not needed") + note))
-            picked = True
+            else:
+                note = "" if speed is None else f" (expected {speed:.2f}x the reference's speed)"
+                out.append((cand, ("picked" if not picked else "not needed") + note))
+                picked = True
         if not picked:
             out.append(("torch", "picked (fallback)"))
         return out
 
     def _auto(self, device: torch.device, problem=None):
-        for cand in self.auto_order.get(device.type, ("torch",)):
-            be = self.load(cand)
-            if be is not None and be.supports(device):
-                speed = self._speedup(be, problem)
-                if speed is not None and speed < 1.0 and cand != "torch":
+        for cand, be, _, slower in self._candidates(device, problem):
+            if be is not None:
+                if slower:
                     continue  # expected slower than the reference for this call: no warning
                 return be
             if cand != "torch" and (device.type, cand) not in self._warned:
