@@ -125,7 +125,7 @@ def run_dataset(dataset: str, seeds: List[int], quick: bool, cache_dir, progress
     units = [u for r in seed_results for u in r["units"]]
     nmi = [row for r in seed_results for row in r["nmi"]]
     summary = summarise(units, nmi or None, DEFAULT_METRIC, boot)
-    summary["best_of_ours_by_kendall"] = best_of_ours(units, boot)
+    summary["best_of_ours_by_kendall"] = best_of_ours(units, boot, ranking=summary["ranking"])
     cfg = ZooConfig.preset(dataset, quick=quick, **(overrides or {}))
     return {"dataset": dataset, "seeds": list(seeds),
             "config": {k: (list(v) if isinstance(v, tuple) else v)
