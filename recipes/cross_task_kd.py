@@ -47,22 +47,22 @@ def main(argv=None):
     print(f"teacher accuracy on digits 0-5: {accuracy(teacher, x_te[in_te_t], y_te[in_te_t]):.3f}")
 
     # student test set: digits 4-9, relabelled 0..5
-    s_map = torch.full((10,), -1, dtype=torch.long)
-    s_map[torch.tensor(s_classes)] = torch.arange(len(s_classes))
     in_te_s = torch.isin(y_te, torch.tensor(s_classes))
-    xs_te, ys_te = x_te[in_te_s], s_map[y_te[in_te_s]]
+    xs_te, ys_te = x_te[in_te_s], sk.local_labels(y_te[in_te_s], s_classes, open_set=False)
+    with torch.no_grad():
+        # teacher centres stored from its own training data (the same for every seed)
+        e_t = sk.class_centers(teacher.features(x_tr[in_t]), y_tr[in_t], len(t_classes))
 
     results = {"CE only": [], "CE + Sinkhorn KD": []}
     for seed in range(args.seeds):
         g = torch.Generator().manual_seed(seed)
         idx = torch.cat([torch.nonzero(y_tr == c).flatten()[
             torch.randperm(int((y_tr == c).sum()), generator=g)[:args.shots]] for c in s_classes])
-        xs, ys = x_tr[idx], s_map[y_tr[idx]]
+        xs, ys = x_tr[idx], sk.local_labels(y_tr[idx], s_classes, open_set=False)
         with torch.no_grad():
-            # Eq. 6: student class centres in the teacher's embedding; teacher centres stored
-            # from its own training data, so both are class means of one embedding
+            # Eq. 6: student class centres in the teacher's embedding; with the stored teacher
+            # centres e_t both are class means of one embedding
             e_s = sk.class_centers(teacher.features(xs), ys, len(s_classes))
-            e_t = sk.class_centers(teacher.features(x_tr[in_t]), y_tr[in_t], len(t_classes))
             cost = sk.euclidean_cost(e_t, e_s, normalize="mean")  # Eq. 7, (C_T, C_S)
             t_logits = teacher(xs)
         crit = sk.SinkhornKDLoss(cost, tau=3.0, eps=0.1, weight=args.weight, n_iters=50)

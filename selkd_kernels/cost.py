@@ -77,16 +77,14 @@ def teacher_class_centers(classifier_weight: torch.Tensor, normalize: bool = Tru
     w = classifier_weight.detach()
     if not normalize:
         return w.clone()
-    norms = w.norm(dim=1, keepdim=True)
-    if bool((norms == 0).any()):
-        raise ValueError("classifier_weight has an all-zero row; it cannot be L2-normalised")
-    return w / norms
+    return _unit_rows("classifier_weight", w, "an all-zero row; it cannot be L2-normalised")
 
 
-def _unit_rows(name, x):
+def _unit_rows(name, x, problem="a row that is zero after centring; it has no direction"):
+    """Rows of ``x`` L2-normalised; a zero row raises ``ValueError(f"{name} has {problem}")``."""
     norms = x.norm(dim=1, keepdim=True)
     if bool((norms == 0).any()):
-        raise ValueError(f"{name} has a row that is zero after centring; it has no direction")
+        raise ValueError(f"{name} has {problem}")
     return x / norms
 
 

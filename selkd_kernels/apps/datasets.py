@@ -61,8 +61,10 @@ SYNTHETIC_DEFAULTS: Dict[str, float] = {
     "noise": 1.0, "nuisance_scale": 8.0}
 
 
-def _standardise(ref, *others):
-    mean, std = ref.mean(0), ref.std(0).clamp_min(1e-3)
+def _standardise(ref, *others, floor: float = 1e-3):
+    """``ref`` and ``others`` standardised by ``ref``'s per-dimension mean and std (the std
+    floored at ``floor``), as float32."""
+    mean, std = ref.mean(0), ref.std(0).clamp_min(floor)
     return [((t - mean) / std).float() for t in (ref, *others)]
 
 
@@ -154,11 +156,7 @@ def mnist_digits(seed: int) -> Dataset:
     # each source standardised by its own statistics (MNIST's reduced strokes are fainter than
     # scikit-learn's counts); the std floor of one grey level keeps near-empty border pixels
     # from blowing up
-    def stand(ref, *others):
-        mean, std = ref.mean(0), ref.std(0).clamp_min(1.0)
-        return [((t - mean) / std).float() for t in (ref, *others)]
-
-    z = stand(x_t) + stand(x[train], x[~train])
+    z = _standardise(x_t, floor=1.0) + _standardise(x[train], x[~train], floor=1.0)
     return Dataset("mnist-digits", z[0], y_t, z[1], y[train], z[2], y[~train], 10, None)
 
 

@@ -43,6 +43,7 @@ from .datasets import DATASETS
 from .evaluation import BASELINES, ORACLE, OURS, PAPER, evaluate_zoo, nmi_rows
 from .report import best_of_ours, summarise
 from .students import all_ground_truth
+from .training import progress as _bar
 from .zoo import ZooConfig, build_zoo, save_zoo
 
 DEFAULT_METRIC = "Ours: divergence, fixed probe"
@@ -72,45 +73,38 @@ def run_seed(cfg: ZooConfig, cache_dir, progress: bool, use_cache: bool = True,
     return {"units": units, "nmi": nmi, "build_seconds": build_s, "teachers": teachers}
 
 
+def _run_job(args, progress: bool) -> dict:
+    """One (dataset, seed) job of :func:`run_jobs`, timed, in this process."""
+    dataset, seed, quick, cache_dir, use_cache, sweep, overrides, _ = args
+    cfg = ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {}))
+    (out, wall, cpu) = _timed(lambda: run_seed(cfg, cache_dir, progress, use_cache, sweep))
+    return {**out, "dataset": dataset, "seed": seed, "wall_seconds": wall, "cpu_seconds": cpu}
+
+
 def _job(args) -> dict:
     """One (dataset, seed) in a worker: single-threaded, like the main process."""
-    dataset, seed, quick, cache_dir, use_cache, sweep, overrides, threads = args
+    threads = args[-1]
     torch.set_num_threads(threads)
     blas = _blas_threads(threads)
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*backend .* unavailable.*")
-            (out, wall, cpu) = _timed(lambda: run_seed(
-                ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {})),
-                cache_dir, False, use_cache, sweep))
+            return _run_job(args, False)
     finally:
         if blas is not None:
             blas.restore_original_limits()
-    return {**out, "dataset": dataset, "seed": seed, "wall_seconds": wall, "cpu_seconds": cpu}
 
 
 def run_jobs(jobs_args: List[tuple], jobs: int, progress: bool) -> List[dict]:
     """Every (dataset, seed) job, in ``jobs`` worker processes (1: in this process, with the
     detailed progress bars)."""
     if jobs <= 1:
-        out = []
-        for a in jobs_args:
-            dataset, seed, quick, cache_dir, use_cache, sweep, overrides, _ = a
-            cfg = ZooConfig.preset(dataset, quick=quick, seed=seed, **(overrides or {}))
-            (r, wall, cpu) = _timed(lambda: run_seed(cfg, cache_dir, progress, use_cache, sweep))
-            out.append({**r, "dataset": dataset, "seed": seed, "wall_seconds": wall,
-                        "cpu_seconds": cpu})
-        return out
+        return [_run_job(a, progress) for a in jobs_args]
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
         return list(_bar(pool.map(_job, jobs_args), progress, "zoos (dataset x seed)",
                          len(jobs_args)))
-
-
-def _bar(it, enabled, desc, total):
-    from .training import progress as bar
-    return bar(it, enabled, desc, total)
 
 
 def run_dataset(dataset: str, seeds: List[int], quick: bool, cache_dir, progress: bool,
@@ -125,7 +119,7 @@ def run_dataset(dataset: str, seeds: List[int], quick: bool, cache_dir, progress
     units = [u for r in seed_results for u in r["units"]]
     nmi = [row for r in seed_results for row in r["nmi"]]
     summary = summarise(units, nmi or None, DEFAULT_METRIC, boot)
-    summary["best_of_ours_by_kendall"] = best_of_ours(units, boot)
+    summary["best_of_ours_by_kendall"] = best_of_ours(units, boot, ranking=summary["ranking"])
     cfg = ZooConfig.preset(dataset, quick=quick, **(overrides or {}))
     return {"dataset": dataset, "seeds": list(seeds),
             "config": {k: (list(v) if isinstance(v, tuple) else v)
@@ -321,7 +315,7 @@ def _datasets(args) -> List[str]:
     return list(DATASETS) if args.dataset == "all" else [args.dataset]
 
 
-def _print(res, quick):
+def _print(res):
     print(format_ranking(res), "", format_paired(res), "", format_other(res), "", sep="\n")
 
 
@@ -360,7 +354,7 @@ def main(argv=None) -> int:
                 res = run_dataset(ds, seeds, args.quick, args.cache, False, args.bootstrap,
                                   seed_results=[r for r in done if r["dataset"] == ds])
                 results.append(res)
-                _print(res, args.quick)
+                _print(res)
     finally:
         torch.set_num_threads(old)
         if blas is not None:

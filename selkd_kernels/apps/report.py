@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..assessment.ranking import RANKING_MEASURES, ranking_quality
+from ..assessment.ranking import RANKING_MEASURES, kendall, pearson, ranking_quality
 from .evaluation import BASELINES, HIGHER_IS_BETTER, ORACLE, OURS, PAPER, SWEEP, SWEEP_SCORES
 
 BOOT_SEED = 12345
@@ -39,16 +39,20 @@ def unit_quality(unit: dict) -> Dict[str, dict]:
     return {m: ranking_quality(s, acc, HIGHER_IS_BETTER[m]) for m, s in unit["scores"].items()}
 
 
-def ranking_summary(units: List[dict], boot: int) -> dict:
-    q = [unit_quality(u) for u in units]
+def ranking_summary(units: List[dict], boot: int,
+                    quality: Optional[List[Dict[str, dict]]] = None) -> dict:
+    """Bootstrap of every metric's ranking quality over units (``quality``: the units'
+    :func:`unit_quality`, when already computed)."""
+    q = quality if quality is not None else [unit_quality(u) for u in units]
     return {m: {meas: bootstrap([qu[m][meas] for qu in q], boot) for meas in RANKING_MEASURES}
             for m in q[0]}
 
 
-def paired(units: List[dict], boot: int, reference: str, others: Sequence[str]) -> dict:
+def paired(units: List[dict], boot: int, reference: str, others: Sequence[str],
+           quality: Optional[List[Dict[str, dict]]] = None) -> dict:
     """``reference`` minus each of ``others`` per unit, for every ranking measure (for regret a
-    negative difference favours ``reference``)."""
-    q = [unit_quality(u) for u in units]
+    negative difference favours ``reference``; ``quality`` as in :func:`ranking_summary`)."""
+    q = quality if quality is not None else [unit_quality(u) for u in units]
     return {o: {meas: bootstrap([qu[reference][meas] - qu[o][meas] for qu in q], boot)
                 for meas in RANKING_MEASURES} for o in others if o != reference}
 
@@ -57,7 +61,6 @@ def per_overlap(units: List[dict], boot: int, metrics: Sequence[str]) -> dict:
     """Pearson correlation among the teachers of one overlap level of one unit, averaged over
     units: does a metric rank teachers that overlap the task equally (families differing in
     capacity and calibration)? Levels with fewer than 3 teachers are skipped."""
-    from ..assessment.ranking import pearson
     levels = sorted({t["overlap"] for u in units for t in u["teachers"]}, reverse=True)
     out = {}
     for g in levels:
@@ -79,7 +82,6 @@ def split_half(units: List[dict], boot: int) -> dict:
     """Reliability of the ground truth: per unit, Pearson between the teachers' accuracies from
     the first and from the second half of the student seeds, and its Spearman-Brown correction
     ``2r / (1 + r)`` (the reliability of the full average)."""
-    from ..assessment.ranking import pearson
     r = []
     for u in units:
         seeds = len(u["teachers"][0]["test_by_seed"])
@@ -141,7 +143,6 @@ def distil_or_not(units: List[dict], boot: int, z_threshold: float = 2.0) -> dic
 def sensitivity(units: List[dict], boot: int) -> dict:
     """Mean Pearson and Kendall of each sweep point of our scores, with intervals (over the
     units that carry a sweep: the demo sweeps the first seed only)."""
-    from ..assessment.ranking import kendall, pearson
     units = [u for u in units if u["sweep"]]
     out = {}
     for key in (units[0]["sweep"] if units else {}):
@@ -180,11 +181,12 @@ def summarise(units: List[dict], nmi: Optional[List[dict]], default_metric: str,
     """Every figure of the report for one dataset."""
     metrics = list(units[0]["scores"])
     main = [default_metric, PAPER] + [b for b in BASELINES if b in metrics] + [ORACLE]
+    q = [unit_quality(u) for u in units]
     return {
         "units": len(units), "bootstrap": {"draws": boot, "seed": BOOT_SEED},
-        "ranking": ranking_summary(units, boot),
-        "paired_default_minus": paired(units, boot, default_metric, [m for m in metrics]),
-        "paired_paper_minus": paired(units, boot, PAPER, list(OURS)),
+        "ranking": ranking_summary(units, boot, q),
+        "paired_default_minus": paired(units, boot, default_metric, metrics, q),
+        "paired_paper_minus": paired(units, boot, PAPER, list(OURS), q),
         "per_overlap": per_overlap(units, boot, main),
         "split_half": split_half(units, boot), "fig5": fig5(units, boot),
         "distil_or_not": distil_or_not(units, boot), "sensitivity": sensitivity(units, boot),
@@ -194,9 +196,11 @@ def summarise(units: List[dict], nmi: Optional[List[dict]], default_metric: str,
         "sweep_scores": list(SWEEP_SCORES)}
 
 
-def best_of_ours(units: List[dict], boot: int = 2000, measure: str = "kendall") -> str:
+def best_of_ours(units: List[dict], boot: int = 2000, measure: str = "kendall",
+                 ranking: Optional[dict] = None) -> str:
     """The variant of ours with the highest mean ``measure`` (the demo's default-choosing rule;
-    reported, so a reader can check it)."""
-    summ = ranking_summary(units, boot)
+    reported, so a reader can check it). ``ranking``: :func:`ranking_summary` of ``units`` when
+    already computed (``summarise(...)["ranking"]``)."""
+    summ = ranking if ranking is not None else ranking_summary(units, boot)
     cands = [m for m in OURS if "Approx. I" not in m and "exact" not in m]
     return max(cands, key=lambda m: summ[m][measure]["mean"])

@@ -55,24 +55,25 @@ def train_students(task: TargetTask, cfg: ZooConfig, lambdas: Sequence[float],
     return train(net, x, epochs=cfg.student_epochs, loss_fn=loss_fn)
 
 
-def _choose(val: torch.Tensor, test: torch.Tensor, lambdas: Sequence[float], n_seeds: int):
-    """Index of the weight with the best mean validation accuracy (first of ties: the grid is
-    ascending, so the smaller weight)."""
-    v = val.view(len(lambdas), n_seeds).mean(1)
+def _choose(val_by_lambda: torch.Tensor) -> int:
+    """Index of the weight with the best mean validation accuracy ``val_by_lambda`` (first of
+    ties: the grid is ascending, so the smaller weight)."""
+    v = val_by_lambda
     return int(torch.nonzero(v == v.max()).flatten()[0])
 
 
 def _record(net, task, lambdas, n_seeds, seconds) -> dict:
     val = member_accuracies(net, task.x_val, task.y_val)
     test = member_accuracies(net, task.x_test, task.y_test)
-    j = _choose(val, test, lambdas, n_seeds)
+    val_by_lambda = val.view(len(lambdas), n_seeds).mean(1)
+    j = _choose(val_by_lambda)
     sl = slice(j * n_seeds, (j + 1) * n_seeds)
     with torch.no_grad():
         train_logits = net(task.x_lab)[j * n_seeds].clone()
     t = test.view(len(lambdas), n_seeds)
     return {"lambda": float(lambdas[j]), "acc": float(test[sl].mean()),
             "test_by_seed": test[sl].tolist(), "val_acc": float(val[sl].mean()),
-            "val_by_lambda": val.view(len(lambdas), n_seeds).mean(1).tolist(),
+            "val_by_lambda": val_by_lambda.tolist(),
             "test_by_lambda": t.mean(1).tolist(), "train_logits": train_logits,
             "seconds_per_student": seconds / len(val)}
 
@@ -111,8 +112,7 @@ def task_ground_truth(zoo: Zoo, window: int, show_progress: bool = False) -> Dic
 def all_ground_truth(zoo: Zoo, show_progress: bool = True) -> List[int]:
     """Ground truth of every task of the zoo; returns the task ids."""
     tasks = zoo.task_ids
-    pairs = [w for w in tasks]
-    for w in progress(pairs, show_progress, f"ground truth ({zoo.cfg.dataset}, seed "
+    for w in progress(tasks, show_progress, f"ground truth ({zoo.cfg.dataset}, seed "
                                            f"{zoo.cfg.seed})"):
         task_ground_truth(zoo, w)
     return tasks

@@ -36,12 +36,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from .. import _validation as V
 from ..assessment.score import TeacherOutputs
 from ..cost import class_centers
 from .datasets import DATASETS, SYNTHETIC_DEFAULTS, Dataset, make_dataset
 from .training import MLP, StackedMLP, progress, train
 
 _FORMAT = 2  # bump when the cached content changes meaning
+CENTERS = ("stored", "classifier")  # teacher class centres of the distillation cost
 
 DEFAULT_FAMILIES: Dict[str, Dict] = {
     "wide": {"hidden": [256], "epochs": 100, "label_smoothing": 0.0},
@@ -120,8 +122,7 @@ class ZooConfig:
         if not self.kd_weights or any(not w > 0 for w in self.kd_weights):
             raise ValueError(f"kd_weights must be a non-empty grid of weights > 0, got "
                              f"{self.kd_weights}")
-        if self.centers not in ("stored", "classifier"):
-            raise ValueError(f"centers must be 'stored' or 'classifier', got {self.centers!r}")
+        V.check_choice("centers", self.centers, CENTERS)
         if self.tasks is not None:
             self.tasks = tuple(int(t) for t in self.tasks)
 
@@ -241,9 +242,7 @@ class Zoo:
         ``centers``: "stored" (class centres kept from the teacher's training data) or
         "classifier" (Eq. 8, from the classifier weight only); default ``cfg.centers``."""
         t = self.teachers[h]
-        centers = centers or self.cfg.centers
-        if centers not in ("stored", "classifier"):
-            raise ValueError(f"centers must be 'stored' or 'classifier', got {centers!r}")
+        centers = V.check_choice("centers", centers or self.cfg.centers, CENTERS)
         with torch.no_grad():
             phi = t["model"].features(x)
             z = t["model"].head(phi)

@@ -136,11 +136,14 @@ def _logme_evidence(alpha, beta, sigma, res2, m2, n, d):
             - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * math.log(2 * math.pi)) / n
 
 
-def _logme_column(y, u, sigma, n, d, tol, max_iter, reference):
+def _logme_column(y, u, sigma, n, d, tol, max_iter, reference, evidence_sigma=None):
     """Evidence maximisation for one target column in the SVD basis ``F = U S V^T``.
 
     With ``x = U^T y``, ``t = alpha / beta``: ``m^T m = sum s_j x_j^2 / (t + s_j)^2`` and
-    ``||F m - y||^2 = sum x_j^2 t^2 / (t + s_j)^2 + (||y||^2 - ||x||^2)``.
+    ``||F m - y||^2 = sum x_j^2 t^2 / (t + s_j)^2 + (||y||^2 - ||x||^2)``. The evidence at the
+    optimum sums its log-determinant over ``evidence_sigma`` (default ``sigma``; the exact
+    variant passes every eigenvalue of ``F^T F``, zeros included). Returns
+    ``(evidence, alpha, beta)``.
     """
     x = u.T @ y
     x2 = x * x
@@ -158,7 +161,8 @@ def _logme_column(y, u, sigma, n, d, tol, max_iter, reference):
     t = alpha / beta
     m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
     res2 = float((x2 * t * t / (t + sigma) ** 2).sum()) + res_out
-    return _logme_evidence(alpha, beta, sigma, res2, m2, n, d), alpha, beta
+    ev_sigma = sigma if evidence_sigma is None else evidence_sigma
+    return _logme_evidence(alpha, beta, ev_sigma, res2, m2, n, d), alpha, beta
 
 
 def logme(features, target_labels, num_target_classes: Optional[int] = None, *,
@@ -212,12 +216,7 @@ def logme(features, target_labels, num_target_classes: Optional[int] = None, *,
         if variant == "reference":
             out.append(_logme_column(yc, u, sigma, n, d, tol, max_iter, True))
         else:
-            ev, a, b = _logme_column(yc, u, sigma, n, d, tol, max_iter, False)
-            x2 = (u.T @ yc) ** 2
-            t = a / b
-            m2 = float((sigma * x2 / (t + sigma) ** 2).sum())
-            res2 = float((x2 * t * t / (t + sigma) ** 2).sum()) + float(yc @ yc - x2.sum())
-            out.append((_logme_evidence(a, b, sigma_full, res2, m2, n, d), a, b))
+            out.append(_logme_column(yc, u, sigma, n, d, tol, max_iter, False, sigma_full))
     score = float(np.mean([o[0] for o in out]))
     if return_params:
         return score, np.array([o[1] for o in out]), np.array([o[2] for o in out])
@@ -287,15 +286,14 @@ def h_score(features, target_labels, num_target_classes: Optional[int] = None, *
         if alpha > 1:
             raise ValueError(f"shrinkage must be in [0, 1], got {alpha}")
     f = f - f.mean(0, keepdims=True)
-    n, d = f.shape
+    n = f.shape[0]
     cov_f = f.T @ f / n
     k = int(num_target_classes or y.max() + 1)
     g = _class_means(f, y, k)[0][y]
     cov_g = g.T @ g / n
     if alpha is None:
         return float(np.trace(np.linalg.pinv(cov_f, rcond=1e-10, hermitian=True) @ cov_g))
-    reg = (1 - alpha) * cov_f + alpha * np.trace(cov_f) / d * np.eye(d)
-    return float(np.trace(np.linalg.solve(reg, (1 - alpha) * cov_g)))
+    return float(np.trace(np.linalg.solve(_shrunk(cov_f, alpha), (1 - alpha) * cov_g)))
 
 
 # ----------------------------------------------------------------------------------- NLEEP

@@ -251,14 +251,22 @@ def _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol, memory=6):
     return theta
 
 
-def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-5):
-    """Fit ``len(masks)`` independent multinomial logistic regressions, problem ``f`` on the
-    rows ``masks[f]`` (``mean CE + weight_decay/2 ||W_f||^2``), from zero, by :func:`_lbfgs` in
-    the basis of :func:`_svd_basis`. Returns (W (F, d, C), b (F, C))."""
+def _regression_problem(x, y, masks, num_classes):
+    """The set-up of ``len(masks)`` softmax regressions for :func:`_lbfgs`: the basis of
+    :func:`_svd_basis` ``(xb, vt)``, one-hot targets, per-problem sample weights (problem ``f``
+    on the rows ``masks[f]``) and the zero start. Returns (xb, vt, y1h, weights, theta0)."""
     xb, vt = _svd_basis(x)
     y1h = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
     weights = masks / masks.sum(1, keepdim=True)
     theta = torch.zeros(masks.shape[0], xb.shape[1], num_classes, dtype=x.dtype)
+    return xb, vt, y1h, weights, theta
+
+
+def _softmax_regressions(x, y, masks, num_classes, weight_decay, max_iter, tol=1e-5):
+    """Fit ``len(masks)`` independent multinomial logistic regressions, problem ``f`` on the
+    rows ``masks[f]`` (``mean CE + weight_decay/2 ||W_f||^2``), from zero, by :func:`_lbfgs` in
+    the basis of :func:`_svd_basis`. Returns (W (F, d, C), b (F, C))."""
+    xb, vt, y1h, weights, theta = _regression_problem(x, y, masks, num_classes)
     theta = _lbfgs(theta, xb, y1h, weights, weight_decay, max_iter, tol)
     return torch.matmul(vt.T, theta[:, :-1]), theta[:, -1]
 
@@ -337,10 +345,7 @@ def cross_validated_probe(features: torch.Tensor, labels: torch.Tensor, num_clas
     x, y = _standardise(features), labels
     fold = stratified_folds(y, folds, seed)
     masks = torch.stack([(fold != f) for f in range(folds)]).to(x.dtype)
-    xb, _ = _svd_basis(x)
-    y1h = torch.nn.functional.one_hot(y, num_classes).to(x.dtype)
-    weights = masks / masks.sum(1, keepdim=True)
-    theta = torch.zeros(folds, xb.shape[1], num_classes, dtype=x.dtype)
+    xb, _, y1h, weights, theta = _regression_problem(x, y, masks, num_classes)
     best, losses = None, {}
     # from the strongest decay down, each fit warm-started from the previous one's solution
     for wd in sorted(grid, reverse=True):
@@ -448,17 +453,6 @@ def transport_rows(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
                                      + _rows(p_s, p_s, m_ss, "sinkhorn", **kw))
             out.append(rows)
     return torch.cat(out)
-
-
-def sinkhorn_score(teacher_logits: torch.Tensor, student_logits: torch.Tensor,
-                   cost: torch.Tensor, *, tau: float = 3.0, eps: float = 0.1, n_iters: int = 100,
-                   tol: Optional[float] = 1e-6, chunk: int = 4096, backend: str = "auto",
-                   score: str = "sinkhorn",
-                   self_costs: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> float:
-    """The mean of :func:`transport_rows` (Eq. 24 for ``score="sinkhorn"``)."""
-    return float(transport_rows(teacher_logits, student_logits, cost, score=score,
-                                self_costs=self_costs, tau=tau, eps=eps, n_iters=n_iters,
-                                tol=tol, chunk=chunk, backend=backend).mean())
 
 
 # ------------------------------------------------------------------------------- assessment
